@@ -1,0 +1,50 @@
+"""Rank keys: an order-preserving map from floats to unsigned integers.
+
+Every k-WTA implementation ranks units by these keys, which is what makes them agree
+bit-for-bit on ties, signed zeros, infinities and NaNs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["key_dtype", "rank_keys"]
+
+_KEY_DTYPES = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def key_dtype(dtype) -> np.dtype:
+    """Unsigned integer dtype of the rank keys for floating ``dtype`` (same bit width)."""
+    return np.dtype(_KEY_DTYPES[np.dtype(dtype).itemsize])
+
+
+def rank_keys(x: jax.Array, use_abs: bool = False) -> jax.Array:
+    """Order-preserving unsigned keys of a floating array.
+
+    ``rank_keys(a) >= rank_keys(b)`` iff ``a >= b`` under this module's ordering: IEEE order
+    with ``-0.0 == +0.0``, and every NaN equal to each other and above ``+inf``.
+
+    Args:
+      x: floating array of any shape (float16, bfloat16, float32 or float64).
+      use_abs: rank by ``|x|`` instead of ``x``.
+
+    Returns:
+      Unsigned integer array (``uint16``/``uint32``/``uint64``, same bit width as ``x``) of
+      the shape of ``x``.
+    """
+    if use_abs:
+        x = jnp.abs(x)
+    kdt = key_dtype(x.dtype)
+    nbits = 8 * kdt.itemsize
+    sign = np.array(1 << (nbits - 1), kdt)
+    top = np.array(np.iinfo(kdt).max, kdt)
+    # -0.0 -> +0.0, so that the two zeros get one key (they compare equal as floats).
+    x = jnp.where(x == 0, jnp.zeros((), x.dtype), x)
+    bits = lax.bitcast_convert_type(x, kdt)
+    # Negative floats: flip every bit (larger magnitude -> smaller key); non-negative floats:
+    # set the sign bit (so they sit above all negatives).
+    keys = jnp.where(bits >= sign, ~bits, bits | sign)
+    return jnp.where(jnp.isnan(x), top, keys)
