@@ -26,6 +26,7 @@ def rank_keys(x: jax.Array, use_abs: bool = False) -> jax.Array:
 
     ``rank_keys(a) >= rank_keys(b)`` iff ``a >= b`` under this module's ordering: IEEE order
     with ``-0.0 == +0.0``, and every NaN equal to each other and above ``+inf``.
+    Subnormals are ordered as in IEEE arithmetic without flush-to-zero, on every backend.
 
     Args:
       x: floating array of any shape (float16, bfloat16, float32 or float64).
@@ -35,16 +36,20 @@ def rank_keys(x: jax.Array, use_abs: bool = False) -> jax.Array:
       Unsigned integer array (``uint16``/``uint32``/``uint64``, same bit width as ``x``) of
       the shape of ``x``.
     """
-    if use_abs:
-        x = jnp.abs(x)
+    # Integer ops only: float comparisons would flush subnormals to zero on some backends
+    # (XLA:CPU), making the order depend on the device.
     kdt = key_dtype(x.dtype)
     nbits = 8 * kdt.itemsize
     sign = np.array(1 << (nbits - 1), kdt)
     top = np.array(np.iinfo(kdt).max, kdt)
-    # -0.0 -> +0.0, so that the two zeros get one key (they compare equal as floats).
-    x = jnp.where(x == 0, jnp.zeros((), x.dtype), x)
+    inf_bits = np.array(np.inf, x.dtype).view(kdt)
     bits = lax.bitcast_convert_type(x, kdt)
+    if use_abs:
+        bits = bits & ~sign
+    is_nan = (bits & ~sign) > inf_bits
+    # -0.0 -> +0.0, so that the two zeros get one key (they compare equal as floats).
+    bits = jnp.where(bits == sign, np.array(0, kdt), bits)
     # Negative floats: flip every bit (larger magnitude -> smaller key); non-negative floats:
     # set the sign bit (so they sit above all negatives).
     keys = jnp.where(bits >= sign, ~bits, bits | sign)
-    return jnp.where(jnp.isnan(x), top, keys)
+    return jnp.where(is_nan, top, keys)

@@ -1,0 +1,319 @@
+"""The k-WTA op against a plain NumPy reference, its derivative, and its argument checks."""
+
+from __future__ import annotations
+
+import functools
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kwta_reference import numpy_kwta, same_bits
+
+from kwta_jax import kwta, kwta_bpda, kwta_mask, num_winners
+from kwta_jax.keys import rank_keys
+from kwta_jax.ops import IMPLEMENTATIONS, competition_axes
+
+DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
+SPECIALS = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan]
+IMPLS = sorted(IMPLEMENTATIONS)
+
+
+@functools.cache
+def jitted_kwta(**kwargs):
+    return jax.jit(functools.partial(kwta, **kwargs))
+
+
+def tie_heavy(rng: np.random.Generator, shape, dtype, special_rate: float = 0.05) -> np.ndarray:
+    """Small integers (many ties, both signs) sprinkled with ±0, ±inf and NaNs of both signs."""
+    x = rng.integers(-3, 4, size=shape).astype(np.float64)
+    specials = rng.random(shape) < special_rate
+    x[specials] = rng.choice(SPECIALS, size=int(specials.sum()))
+    return x.astype(dtype)
+
+
+def reference_axes(ndim: int, groups: str, axes) -> tuple[int, ...]:
+    if axes is not None:
+        return tuple(sorted(a % ndim for a in axes))
+    return tuple(range(1, ndim if groups == "sample" else ndim - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement with the NumPy reference.
+# ---------------------------------------------------------------------------------------------
+
+# Each configuration checks every one of its rows at up to 5 values of k: 1,650 rows x 2 abs x
+# 3 dtypes x (3..5) k = over 40,000 row cases per implementation, on top of the random-shape
+# property test.
+SWEEP = [
+    # (shape, groups, axes, rows per sample)
+    ((300, 17), "sample", None, 1),
+    ((150, 4, 4, 3), "sample", None, 1),
+    ((100, 3, 5, 4), "channel", None, 4),
+    ((100, 3, 2, 5), None, (1, 3), 2),
+    ((50, 6, 2, 3), None, (-1,), 12),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("use_abs", [False, True])
+@pytest.mark.parametrize("shape,groups,axes,rows", SWEEP)
+def test_sweep_matches_numpy_bit_for_bit(shape, groups, axes, rows, use_abs, dtype, impl):
+    del rows  # documents the number of competition groups per sample
+    rng = np.random.default_rng(abs(hash((shape, use_abs, np.dtype(dtype).name))) % 2**32)
+    x = tie_heavy(rng, shape, dtype)
+    comp = reference_axes(len(shape), groups or "sample", axes)
+    n = int(np.prod([shape[a] for a in comp]))
+    for winners in sorted({1, 2, n // 3 or 1, n - 1 or 1, n}):
+        kwargs = dict(k=winners, use_abs=use_abs, impl=impl)
+        kwargs.update(groups=groups) if groups else kwargs.update(axes=axes)
+        got = np.asarray(jitted_kwta(**kwargs)(x))
+        want = numpy_kwta(x, winners, comp, use_abs)
+        assert same_bits(got, want), f"mismatch for k={winners}"
+
+
+@st.composite
+def kwta_cases(draw):
+    ndim = draw(st.integers(2, 4))
+    shape = tuple(draw(st.sampled_from([1, 2, 3, 5, 8])) for _ in range(ndim))
+    dtype = draw(st.sampled_from(DTYPES))
+    elements = st.one_of(
+        st.integers(-4, 4).map(float),
+        st.sampled_from(SPECIALS),
+        st.floats(-1e4, 1e4, width=16),
+    )
+    x = draw(hnp.arrays(np.float64, shape, elements=elements)).astype(dtype)
+    mode = draw(st.sampled_from(["sample", "channel", "axes"] if ndim >= 3 else ["sample", "axes"]))
+    if mode == "axes":
+        axes = tuple(
+            draw(st.lists(st.integers(1, ndim - 1), min_size=1, max_size=ndim - 1, unique=True))
+        )
+        kwargs, comp = dict(axes=axes), tuple(sorted(axes))
+    else:
+        kwargs, comp = dict(groups=mode), reference_axes(ndim, mode, None)
+    n = int(np.prod([shape[a] for a in comp]))
+    if draw(st.booleans()):
+        ratio = draw(st.sampled_from([0.01, 0.1, 0.2, 1 / 3, 0.5, 0.7, 0.99, 1.0]))
+        kwargs["ratio"], k = ratio, max(1, int(ratio * n))
+    else:
+        k = draw(st.integers(1, n))
+        kwargs["k"] = k
+    kwargs["use_abs"] = draw(st.booleans())
+    return x, kwargs, comp, k
+
+
+@settings(max_examples=150, deadline=None)
+@given(kwta_cases())
+def test_random_shapes_match_numpy(case):
+    x, kwargs, comp, k = case
+    got = np.asarray(jitted_kwta(**kwargs)(x))
+    assert same_bits(got, numpy_kwta(x, k, comp, kwargs["use_abs"]))
+
+
+def test_batch_independence():
+    """kwta(batch) is the stack of kwta(sample): the threshold never leaks across samples."""
+    x = jax.random.normal(jax.random.key(0), (16, 6, 6, 4))
+    x = x * jnp.arange(1, 17, dtype=x.dtype)[:, None, None, None]  # very different scales
+    batched = kwta(x, ratio=0.1)
+    one_by_one = jnp.concatenate([kwta(x[i : i + 1], ratio=0.1) for i in range(16)])
+    np.testing.assert_array_equal(batched, one_by_one)
+    # The first sample's threshold applied to everyone would zero all of sample 0's losers in
+    # the others too; check the count of winners per sample instead.
+    np.testing.assert_array_equal((batched != 0).reshape(16, -1).sum(1), 14)
+
+
+def test_ties_at_the_threshold_are_all_kept():
+    x = jnp.array([[5.0, 2.0, 2.0, 2.0, 1.0]])
+    np.testing.assert_array_equal(kwta(x, k=2), [[5.0, 2.0, 2.0, 2.0, 0.0]])
+
+
+def test_signed_zeros_tie_and_keep_their_sign():
+    x = jnp.array([[-0.0, 0.0, -1.0, -2.0]])
+    y = np.asarray(kwta(x, k=1))
+    assert same_bits(y, np.array([[-0.0, 0.0, 0.0, 0.0]], np.float32))
+
+
+def test_nan_ranks_above_inf_and_propagates():
+    x = jnp.array([[jnp.inf, jnp.nan, 1.0, -jnp.nan]])
+    y = np.asarray(kwta(x, k=1))
+    assert np.isnan(y[0, 1]) and np.isnan(y[0, 3]) and y[0, 0] == 0 and y[0, 2] == 0
+    np.testing.assert_array_equal(np.asarray(kwta(x, k=3))[0, [0, 2]], [np.inf, 0.0])
+
+
+def test_subnormals_are_ordered_without_flush_to_zero():
+    tiny = np.float32(1e-45)  # the smallest positive subnormal
+    x = jnp.array([[tiny, 0.0, -tiny, -1.0]])
+    assert same_bits(np.asarray(kwta(x, k=1)), np.array([[tiny, 0, 0, 0]], np.float32))
+    assert same_bits(
+        np.asarray(kwta(-x, k=1, use_abs=True)), np.array([[0, 0, 0, 1.0]], np.float32)
+    )
+
+
+def test_use_abs_ranks_by_magnitude_keeps_sign():
+    x = jnp.array([[-5.0, 4.0, -1.0, 0.5]])
+    np.testing.assert_array_equal(kwta(x, k=2, use_abs=True), [[-5.0, 4.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize(
+    "n,ratio,expected", [(10, 0.7, 7), (30, 0.1, 3), (100, 0.29, 28), (5, 0.1, 1), (7, 1.0, 7)]
+)
+def test_num_winners_truncates_like_the_official_code(n, ratio, expected):
+    assert num_winners(n, ratio=ratio) == expected == max(1, int(ratio * n))
+
+
+def test_rank_keys_preserve_order():
+    values = np.array([-np.inf, -3e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, 3e38, np.inf, np.nan])
+    keys = np.asarray(rank_keys(jnp.asarray(values, jnp.float32)))
+    assert np.all(np.diff(keys.astype(np.int64)[[0, 1, 2, 3, 4, 6, 7, 8, 9, 10]]) > 0)
+    assert keys[4] == keys[5]  # -0 and +0 tie
+    assert keys[10] == rank_keys(jnp.float32(-np.nan))  # NaNs of both signs tie
+
+
+# ---------------------------------------------------------------------------------------------
+# Derivatives and transformations.
+# ---------------------------------------------------------------------------------------------
+
+
+def smooth_input(key, shape):
+    """Distinct values with gaps >= 0.1, so that small perturbations never change the winners."""
+    n = int(np.prod(shape[1:]))
+    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, shape[0]))
+    return (perms.astype(jnp.float32) * 0.1 - 1.0).reshape(shape)
+
+
+@pytest.mark.parametrize("use_abs", [False, True])
+@pytest.mark.parametrize("shape,groups", [((4, 20), "sample"), ((3, 4, 4, 3), "channel")])
+def test_vjp_is_upstream_times_mask(shape, groups, use_abs):
+    x = jax.random.normal(jax.random.key(1), shape)
+    g = jax.random.normal(jax.random.key(2), shape)
+    f = functools.partial(kwta, ratio=0.3, groups=groups, use_abs=use_abs)
+    _, vjp = jax.vjp(f, x)
+    mask = kwta_mask(x, ratio=0.3, groups=groups, use_abs=use_abs)
+    np.testing.assert_array_equal(vjp(g)[0], g * mask)
+    _, tangent = jax.jvp(f, (x,), (g,))
+    np.testing.assert_array_equal(tangent, g * mask)
+
+
+def test_gradient_matches_finite_differences_away_from_the_threshold():
+    x = smooth_input(jax.random.key(3), (3, 30))
+    w = jax.random.normal(jax.random.key(4), x.shape)
+
+    def loss(x):
+        return jnp.sum(w * jnp.tanh(kwta(x, ratio=0.2)))
+
+    grad = jax.grad(loss)(x.astype(jnp.float64) if jax.config.x64_enabled else x)
+    eps = 1e-3
+    directions = jax.random.normal(jax.random.key(5), (5,) + x.shape)
+    for d in directions:
+        numeric = (loss(x + eps * d) - loss(x - eps * d)) / (2 * eps)
+        np.testing.assert_allclose(jnp.vdot(grad, d), numeric, rtol=2e-2, atol=1e-3)
+
+
+def test_non_finite_upstream_gradient_stays_at_winners():
+    x = jnp.array([[1.0, 2.0, 3.0]])
+    _, vjp = jax.vjp(functools.partial(kwta, k=1), x)
+    np.testing.assert_array_equal(vjp(jnp.array([[jnp.inf, jnp.nan, 1.0]]))[0], [[0, 0, 1.0]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_jit_vmap_grad_remat_compose(dtype):
+    x = smooth_input(jax.random.key(6), (3, 4, 10)).astype(dtype)
+    f = functools.partial(kwta, ratio=0.2)
+    stacked = jax.jit(jax.vmap(f))(x)  # vmap over an outer axis of batches
+    np.testing.assert_array_equal(stacked, jnp.stack([f(b) for b in x]))
+
+    def loss(x):
+        return jnp.sum(jax.checkpoint(f)(x).astype(jnp.float32) ** 2)
+
+    grads = jax.jit(jax.vmap(jax.grad(loss)))(x)
+    expected = 2 * stacked.astype(jnp.float32)
+    np.testing.assert_allclose(grads.astype(jnp.float32), expected, rtol=1e-2)
+    assert grads.dtype == dtype
+    hessian_diag = jax.jvp(jax.grad(loss), (x[0],), (jnp.ones_like(x[0]),))[1]
+    np.testing.assert_allclose(hessian_diag.astype(jnp.float32), 2.0 * (f(x[0]) != 0), rtol=1e-2)
+
+
+def test_bpda_forward_is_kwta_backward_is_surrogate():
+    x = jnp.array([[-1.0, 2.0, 3.0, 0.5]])
+    y = kwta_bpda(x, k=1, surrogate="identity")
+    np.testing.assert_array_equal(y, kwta(x, k=1))
+    grad_identity = jax.grad(lambda x: kwta_bpda(x, k=1).sum())(x)
+    np.testing.assert_array_equal(grad_identity, jnp.ones_like(x))
+    grad_relu = jax.grad(lambda x: kwta_bpda(x, k=1, surrogate="relu").sum())(x)
+    np.testing.assert_array_equal(grad_relu, [[0.0, 1.0, 1.0, 1.0]])
+
+
+def test_partial_is_a_drop_in_activation():
+    from flax import nnx
+
+    act = functools.partial(kwta, ratio=0.25)
+    mlp = nnx.Sequential(
+        nnx.Linear(8, 16, rngs=nnx.Rngs(0)), act, nnx.Linear(16, 3, rngs=nnx.Rngs(1))
+    )
+    hidden = act(mlp.layers[0](jnp.ones((2, 8))))
+    assert mlp(jnp.ones((2, 8))).shape == (2, 3)
+    np.testing.assert_array_equal((hidden != 0).sum(1), [4, 4])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors at trace time.
+# ---------------------------------------------------------------------------------------------
+
+X = jnp.ones((2, 3, 3, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(), ValueError, "exactly one of ratio"),
+        (dict(ratio=0.1, k=2), ValueError, "exactly one of ratio"),
+        (dict(ratio=0.0), ValueError, r"ratio must be in \(0, 1\]"),
+        (dict(ratio=1.5), ValueError, r"ratio must be in \(0, 1\]"),
+        (dict(ratio=-0.1), ValueError, r"ratio must be in \(0, 1\]"),
+        (dict(ratio=True), TypeError, "ratio must be a Python float"),
+        (dict(ratio="0.1"), TypeError, "ratio must be a Python float"),
+        (dict(k=0), ValueError, "k must be >= 1"),
+        (dict(k=37), ValueError, "larger than the competition group size n=36"),
+        (dict(k=2.0), TypeError, "k must be a Python int"),
+        (dict(k=1, groups="pixel"), ValueError, "groups must be one of"),
+        (dict(k=1, axes=(0, 1)), ValueError, "contains the batch axis"),
+        (dict(k=1, axes=(4,)), ValueError, "out of range"),
+        (dict(k=1, axes=(-5,)), ValueError, "out of range"),
+        (dict(k=1, axes=(1, -3)), ValueError, "names an axis twice"),
+        (dict(k=1, axes=()), ValueError, "at least one axis"),
+        (dict(k=1, axes=(1.0,)), TypeError, "axes must be a sequence of ints"),
+        (dict(k=1, groups="channel", axes=(1,)), ValueError, "either groups= or axes="),
+        (dict(k=1, use_abs=1), TypeError, "use_abs must be a bool"),
+        (dict(k=1, impl="sort"), ValueError, "impl must be 'auto' or one of"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        jax.jit(functools.partial(kwta, **kwargs))(X)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.uint8])
+def test_non_floating_input_is_a_type_error(dtype):
+    with pytest.raises(TypeError, match="floating dtype"):
+        kwta(jnp.ones((2, 4), dtype), k=1)
+
+
+@pytest.mark.parametrize(
+    "shape,groups,match",
+    [((5,), "sample", "rank >= 2"), ((2, 5), "channel", "rank >= 3"), ((2, 0), "sample", "empty")],
+)
+def test_rank_too_low_for_groups(shape, groups, match):
+    with pytest.raises(ValueError, match=match):
+        kwta(jnp.ones(shape), k=1, groups=groups)
+
+
+def test_competition_axes_layouts():
+    assert competition_axes(2) == (1,)
+    assert competition_axes(4) == (1, 2, 3)
+    assert competition_axes(4, "channel") == (1, 2)
+    assert competition_axes(4, axes=(-1, 2)) == (2, 3)
