@@ -1,0 +1,43 @@
+"""Adversarial attacks as pure JAX functions.
+
+Every attack is ``attack(logits_fn, x, y, key, *, eps, ...) -> x_adv`` where ``logits_fn`` maps
+``[B, H, W, C]`` float32 images in [0, 1] to ``[B, classes]`` logits, ``x`` is such a batch,
+``y: [B]`` int labels and ``key`` a PRNG key. Each result lies in the eps-ball around ``x``
+intersected with [0, 1], and is a deterministic function of ``key``. Attacks are traceable as
+a whole (loops are ``lax.fori_loop``); wrap them in ``jax.jit`` with ``functools.partial``.
+"""
+
+from kwta_jax.attacks import gradients, losses, projections
+from kwta_jax.attacks.fgsm import fgm_l2, fgsm
+from kwta_jax.attacks.losses import LOSSES, cross_entropy, dlr, get_loss, margin
+from kwta_jax.attacks.pgd import gradient_attack, mim, pgd
+from kwta_jax.attacks.projections import (
+    NORMS,
+    AttackInvariantError,
+    check_threat_model,
+    lp_norm,
+    project,
+    random_init,
+)
+
+__all__ = [
+    "LOSSES",
+    "NORMS",
+    "AttackInvariantError",
+    "check_threat_model",
+    "cross_entropy",
+    "dlr",
+    "fgm_l2",
+    "fgsm",
+    "get_loss",
+    "gradient_attack",
+    "gradients",
+    "losses",
+    "lp_norm",
+    "margin",
+    "mim",
+    "pgd",
+    "project",
+    "projections",
+    "random_init",
+]

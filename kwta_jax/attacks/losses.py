@@ -1,0 +1,92 @@
+"""Per-example attack losses on logits; every loss is *maximised* by the attacker.
+
+All functions map ``logits: [B, C]`` float and ``y: [B]`` int to ``[B]`` float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "LOSSES",
+    "LossFn",
+    "cross_entropy",
+    "dlr",
+    "get_loss",
+    "margin",
+    "loss_and_grad",
+]
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _true_and_best_other(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(z_y [B], max_{j != y} z_j [B])``."""
+    num_classes = logits.shape[-1]
+    onehot = jax.nn.one_hot(y, num_classes, dtype=bool)
+    z_y = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    z_other = jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1)
+    return z_y, z_other
+
+
+def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Softmax cross-entropy ``-log softmax(z)_y``; ``[B, C], [B] -> [B]``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, y[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def margin(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Carlini-Wagner margin ``max_{j != y} z_j - z_y``: positive iff misclassified."""
+    z_y, z_other = _true_and_best_other(logits.astype(jnp.float32), y)
+    return z_other - z_y
+
+
+def dlr(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Difference of Logits Ratio (Croce & Hein 2020), the loss of APGD-DLR.
+
+    ``-(z_y - max_{j != y} z_j) / (z_(1) - z_(3) + 1e-12)`` with ``z_(i)`` the sorted logits:
+    invariant to shifting and scaling the logits, so logit rescaling cannot mask it.
+    Needs at least 3 classes.
+    """
+    logits = logits.astype(jnp.float32)
+    if logits.shape[-1] < 3:
+        raise ValueError(f"dlr: needs at least 3 classes; got {logits.shape[-1]}.")
+    z_y, z_other = _true_and_best_other(logits, y)
+    top3 = jax.lax.top_k(logits, 3)[0]
+    return (z_other - z_y) / (top3[:, 0] - top3[:, 2] + 1e-12)
+
+
+LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "margin": margin, "cw": margin, "dlr": dlr}
+
+
+def get_loss(loss: str | LossFn) -> LossFn:
+    """A loss function from its name (a key of `LOSSES`) or the function itself."""
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}; choose one of {sorted(LOSSES)}.")
+    return LOSSES[loss]
+
+
+def loss_and_grad(
+    logits_fn: Callable[[jax.Array], jax.Array], loss_fn: LossFn, x: jax.Array, y: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-example loss, its input gradient and the logits, in one forward/backward pass.
+
+    Examples are independent (the model is in eval mode and k-WTA competes within a sample),
+    so the gradient of the summed loss is the per-example gradient.
+
+    Returns:
+      ``(loss [B] float32, grad [B, ...] like x, logits [B, C])``.
+    """
+
+    def total(x_):
+        logits = logits_fn(x_)
+        per_example = loss_fn(logits, y)
+        return jnp.sum(per_example), (per_example, logits)
+
+    (_, (per_example, logits)), grad = jax.value_and_grad(total, has_aux=True)(x)
+    return per_example, grad, logits
