@@ -8,6 +8,10 @@ a whole (loops are ``lax.fori_loop``); wrap them in ``jax.jit`` with ``functools
 """
 
 from kwta_jax.attacks import gradients, losses, projections
+from kwta_jax.attacks.adaptive import bpda, bpda_apgd, eot_pgd, gradient_free, transfer
+from kwta_jax.attacks.apgd import apgd
+from kwta_jax.attacks.cw import cw_l2, cw_pgd
+from kwta_jax.attacks.deepfool import deepfool
 from kwta_jax.attacks.fgsm import fgm_l2, fgsm
 from kwta_jax.attacks.losses import LOSSES, cross_entropy, dlr, get_loss, margin
 from kwta_jax.attacks.pgd import gradient_attack, mim, pgd
@@ -19,12 +23,21 @@ from kwta_jax.attacks.projections import (
     project,
     random_init,
 )
+from kwta_jax.attacks.square import square
 
 __all__ = [
     "LOSSES",
     "NORMS",
     "AttackInvariantError",
+    "apgd",
+    "bpda",
+    "bpda_apgd",
     "check_threat_model",
+    "cw_l2",
+    "cw_pgd",
+    "deepfool",
+    "eot_pgd",
+    "gradient_free",
     "cross_entropy",
     "dlr",
     "fgm_l2",
@@ -40,4 +53,6 @@ __all__ = [
     "project",
     "projections",
     "random_init",
+    "square",
+    "transfer",
 ]
