@@ -1,0 +1,536 @@
+"""Robustness evaluation: run an attack suite over chunked batches at several radii and
+report per-attack accuracy, the per-example worst case, throughput, JSON, a table and plots.
+
+Robust accuracy of an attack at ``eps`` is the share of examples that are classified
+correctly *and* stay correct on the attack's adversarial example. The worst case counts an
+example as robust only if it is correct clean and under *every* attack (AutoAttack's rule),
+so it is at most every single attack's accuracy.
+
+Each attack is compiled once (``eps`` is a traced argument; the last chunk is padded to the
+chunk size) and run chunk by chunk, so memory is bounded by ``batch_size`` whatever the number
+of examples; every adversarial chunk is checked against the threat model on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kwta_jax import attacks
+from kwta_jax.attacks.projections import check_norm, check_threat_model
+
+__all__ = [
+    "ATTACKS",
+    "BUDGETS",
+    "DEFAULT_EPS",
+    "DEFAULT_SUITE",
+    "AttackSpec",
+    "EvalResult",
+    "Models",
+    "build_suite",
+    "evaluate",
+    "format_table",
+    "models_from_nnx",
+    "nnx_logits_fn",
+    "plot_accuracy_vs_eps",
+    "plot_examples",
+    "predict",
+    "run_attack",
+    "save_json",
+]
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+# Attack budgets. "default" keeps `attack.py` on the default mnist5k MLP (1,000 images, two
+# models) within minutes on two CPU cores; "strong" is what a paper-grade evaluation needs.
+BUDGETS: dict[str, dict] = {
+    "quick": dict(pgd_steps=10, apgd_steps=10, restarts=1, square_queries=100, eot_samples=4,
+                  eot_steps=10, fd_samples=8, fd_steps=10, deepfool_steps=10, cw_steps=30),
+    "default": dict(pgd_steps=20, apgd_steps=20, restarts=1, square_queries=300,
+                    eot_samples=8, eot_steps=20, fd_samples=16, fd_steps=20, deepfool_steps=20,
+                    cw_steps=50),
+    "strong": dict(pgd_steps=100, apgd_steps=100, restarts=5, square_queries=5000,
+                   eot_samples=32, eot_steps=100, fd_samples=64, fd_steps=100,
+                   deepfool_steps=50, cw_steps=200),
+}  # fmt: skip
+
+DEFAULT_EPS: dict[str, tuple[float, ...]] = {
+    "mnist": (0.1, 0.15, 0.2, 0.3),
+    "cifar": (8 / 255, 0.1),
+}
+
+# Kinds drive the diagnostics: white-box gradient attacks versus attacks that do not trust the
+# model's own gradient.
+KINDS = ("single-step", "white-box", "minimal-norm", "gradient-free", "bpda", "eot", "transfer")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    """One attack of a suite.
+
+    ``fn(logits_fn, x, y, key, *, eps, [bpda_logits_fn | source_logits_fn]) -> x_adv``;
+    ``needs`` names the extra model it takes (``"bpda"``, ``"source"`` or ``None``).
+    """
+
+    name: str
+    kind: str
+    fn: Callable
+    needs: str | None = None
+    description: str = ""
+
+
+def _attack_table(norm: str, b: dict) -> dict[str, AttackSpec]:
+    p = functools.partial
+    pgd_kw = dict(steps=b["pgd_steps"], restarts=b["restarts"], norm=norm)
+    specs = [
+        AttackSpec("fgsm", "single-step", p(attacks.fgsm, norm=norm),
+                   description="FGSM / FGM, one signed-gradient step"),
+        AttackSpec("pgd", "white-box", p(attacks.pgd, **pgd_kw),
+                   description="PGD, cross-entropy, random start"),
+        AttackSpec("mim", "white-box", p(attacks.mim, steps=b["pgd_steps"], norm=norm),
+                   description="momentum iterative method"),
+        AttackSpec("apgd-ce", "white-box",
+                   p(attacks.apgd, steps=b["apgd_steps"], restarts=b["restarts"], norm=norm),
+                   description="APGD, cross-entropy"),
+        AttackSpec("apgd-dlr", "white-box",
+                   p(attacks.apgd, steps=b["apgd_steps"], restarts=b["restarts"], norm=norm,
+                     loss="dlr"),
+                   description="APGD, DLR loss"),
+        AttackSpec("cw", "white-box",
+                   p(attacks.cw_pgd, **pgd_kw) if norm == "linf"
+                   else p(attacks.cw_l2, steps=b["cw_steps"]),
+                   description="CW margin loss under PGD (L-inf) / CW-L2 optimisation (L2)"),
+        AttackSpec("deepfool", "minimal-norm",
+                   p(attacks.deepfool, steps=b["deepfool_steps"], norm=norm),
+                   description="DeepFool, projected onto the eps-ball"),
+        AttackSpec("square", "gradient-free",
+                   p(attacks.square, queries=b["square_queries"], norm=norm),
+                   description="Square attack (random search, margin loss)"),
+        AttackSpec("gradient-free", "gradient-free",
+                   p(attacks.gradient_free, samples=b["fd_samples"], steps=b["fd_steps"],
+                     sigma=0.02, norm=norm),
+                   description="PGD on antithetic finite-difference gradients of the margin"),
+        AttackSpec("bpda", "bpda", p(attacks.bpda, **pgd_kw), needs="bpda",
+                   description="PGD with k-WTA replaced by identity on the backward pass"),
+        AttackSpec("bpda-apgd", "bpda",
+                   p(attacks.bpda_apgd, steps=b["apgd_steps"], restarts=b["restarts"],
+                     norm=norm, loss="dlr"),
+                   needs="bpda", description="APGD-DLR with BPDA gradients"),
+        AttackSpec("eot", "eot",
+                   p(attacks.eot_pgd, samples=b["eot_samples"], sigma=0.05,
+                     steps=b["eot_steps"], norm=norm),
+                   description="PGD on gradients averaged over Gaussian-perturbed inputs"),
+        AttackSpec("transfer", "transfer", p(attacks.transfer, **pgd_kw), needs="source",
+                   description="PGD on the surrogate (ReLU) model, applied to this one"),
+    ]  # fmt: skip
+    return {s.name: s for s in specs}
+
+
+ATTACKS: tuple[str, ...] = tuple(_attack_table("linf", BUDGETS["default"]))
+DEFAULT_SUITE: tuple[str, ...] = (
+    "fgsm", "pgd", "apgd-ce", "apgd-dlr", "square", "bpda", "eot", "gradient-free", "transfer",
+)  # fmt: skip
+
+
+def build_suite(
+    names: Sequence[str] = DEFAULT_SUITE, *, norm: str = "linf", budget: str | dict = "default"
+) -> list[AttackSpec]:
+    """The `AttackSpec` of each name in ``names`` (``"all"`` expands to every attack)."""
+    check_norm(norm)
+    if isinstance(budget, str):
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {sorted(BUDGETS)}; got {budget!r}.")
+        budget = BUDGETS[budget]
+    table = _attack_table(norm, {**BUDGETS["default"], **budget})
+    names = list(ATTACKS) if list(names) == ["all"] else list(names)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}; choose from {list(ATTACKS)} or 'all'.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"attack names repeat: {names}.")
+    if norm == "l2" and "square" in names:
+        raise ValueError("square: only the L-inf Square attack is implemented; drop it for L2.")
+    return [table[n] for n in names]
+
+
+# --------------------------------------------------------------------------------------------
+# Models.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Models:
+    """The attacked model and the extra models adaptive attacks take gradients from.
+
+    ``bpda_logits_fn``: same forward pass, smooth backward (``None`` when the model has no
+    k-WTA layer: BPDA would be plain PGD). ``source_logits_fn``: transfer surrogate.
+    """
+
+    logits_fn: LogitsFn
+    bpda_logits_fn: LogitsFn | None = None
+    source_logits_fn: LogitsFn | None = None
+    name: str = "model"
+
+
+def nnx_logits_fn(model) -> LogitsFn:
+    """A pure ``x -> logits`` of an NNX model (its state is captured as constants)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return lambda x: nnx.merge(graphdef, state)(x)
+
+
+def models_from_nnx(model, *, source=None, surrogate: str = "identity", name="model") -> Models:
+    """`Models` for an NNX ``model`` in eval mode: a BPDA copy (k-WTA backward replaced by
+    ``surrogate``) if it has k-WTA layers, and the transfer ``source`` model if given."""
+    from flax import nnx
+
+    from kwta_jax.layers import iter_kwta_layers, set_kwta_backward
+
+    bpda_fn = None
+    if any(True for _ in iter_kwta_layers(model)):
+        bpda_model = nnx.clone(model)
+        set_kwta_backward(bpda_model, surrogate)
+        bpda_fn = nnx_logits_fn(bpda_model)
+    return Models(
+        logits_fn=nnx_logits_fn(model),
+        bpda_logits_fn=bpda_fn,
+        source_logits_fn=None if source is None else nnx_logits_fn(source),
+        name=name,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Running.
+# --------------------------------------------------------------------------------------------
+
+
+def _chunks(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield start, min(start + batch_size, n)
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+    """Pads the example axis to ``size`` by repeating the first example (fixed shapes: one
+    compilation per attack)."""
+    if a.shape[0] == size:
+        return a
+    return np.concatenate([a, np.repeat(a[:1], size - a.shape[0], axis=0)])
+
+
+def predict(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 500) -> np.ndarray:
+    """Predicted labels ``[N]`` int, computed in chunks."""
+    fn = jax.jit(lambda x_: jnp.argmax(logits_fn(x_), -1))
+    bs = min(batch_size, len(x))
+    out = [np.asarray(fn(_pad(x[a:b], bs)))[: b - a] for a, b in _chunks(len(x), bs)]
+    return np.concatenate(out).astype(np.int64)
+
+
+def _bind(spec: AttackSpec, models: Models) -> Callable | None:
+    extra = {}
+    if spec.needs == "bpda":
+        if models.bpda_logits_fn is None:
+            return None
+        extra["bpda_logits_fn"] = models.bpda_logits_fn
+    elif spec.needs == "source":
+        if models.source_logits_fn is None:
+            return None
+        extra["source_logits_fn"] = models.source_logits_fn
+
+    def run(x, y, key, eps):
+        x_adv = spec.fn(models.logits_fn, x, y, key, eps=eps, **extra)
+        return x_adv, jnp.argmax(models.logits_fn(x_adv), -1)
+
+    return run
+
+
+def skip_reason(spec: AttackSpec, models: Models) -> str | None:
+    """Why ``spec`` cannot run on ``models`` (``None`` if it can)."""
+    if spec.needs == "bpda" and models.bpda_logits_fn is None:
+        return "no k-WTA layer: BPDA would be plain PGD"
+    if spec.needs == "source" and models.source_logits_fn is None:
+        return "no transfer surrogate model"
+    return None
+
+
+def run_attack(
+    spec: AttackSpec,
+    models: Models,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    eps_values: Sequence[float],
+    norm: str,
+    key: jax.Array,
+    batch_size: int = 250,
+    keep: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Runs one attack at every radius over ``x [N, H, W, C]``, ``y [N]`` in chunks.
+
+    Returns ``{"pred": {eps: [N] int}, "seconds": {eps: float}, "compile_s": float,
+    "examples": {eps: x_adv[:keep]}}``. Raises `AttackInvariantError` if an adversarial
+    example leaves its ball or the box.
+    """
+    from tqdm.auto import tqdm
+
+    run = _bind(spec, models)
+    n = len(x)
+    bs = min(batch_size, n)
+    t0 = time.perf_counter()
+    compiled = (
+        jax.jit(run)
+        .lower(jnp.asarray(x[:bs]), jnp.asarray(y[:bs]), key, jnp.float32(eps_values[0]))
+        .compile()
+    )
+    out = {"pred": {}, "seconds": {}, "examples": {}, "compile_s": time.perf_counter() - t0}
+    bar = tqdm(
+        total=n * len(eps_values), desc=f"{models.name}:{spec.name}", unit="ex",
+        disable=not progress, leave=False,
+    )  # fmt: skip
+    for ie, eps in enumerate(eps_values):
+        preds, kept = [], []
+        t0 = time.perf_counter()
+        for ic, (a, b) in enumerate(_chunks(n, bs)):
+            k = jax.random.fold_in(jax.random.fold_in(key, ie), ic)
+            xc, yc = _pad(x[a:b], bs), _pad(y[a:b], bs)
+            x_adv, pred = compiled(jnp.asarray(xc), jnp.asarray(yc), k, jnp.float32(eps))
+            x_adv = np.asarray(x_adv)[: b - a]
+            check_threat_model(x_adv, x[a:b], eps, norm, name=spec.name)
+            preds.append(np.asarray(pred)[: b - a])
+            if sum(len(v) for v in kept) < keep:
+                kept.append(x_adv[:keep])
+            bar.update(b - a)
+        out["seconds"][eps] = time.perf_counter() - t0
+        out["pred"][eps] = np.concatenate(preds).astype(np.int64)
+        out["examples"][eps] = np.concatenate(kept)[:keep] if kept else x[:0]
+    bar.close()
+    return out
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Outcome of `evaluate`. Arrays are over the ``N`` evaluated examples."""
+
+    name: str
+    norm: str
+    eps_values: list[float]
+    labels: np.ndarray  # [N]
+    clean_pred: np.ndarray  # [N]
+    pred: dict[str, dict[float, np.ndarray]]  # attack -> eps -> [N]
+    seconds: dict[str, dict[float, float]]
+    compile_s: dict[str, float]
+    kinds: dict[str, str]
+    skipped: dict[str, str]
+    examples: dict[str, dict[float, np.ndarray]]  # attack -> eps -> x_adv[:keep]
+    clean_examples: np.ndarray  # x[:keep]
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    @property
+    def clean_correct(self) -> np.ndarray:
+        return self.clean_pred == self.labels
+
+    def correct(self, attack: str, eps: float) -> np.ndarray:
+        """``[N]`` bool: correct clean and under ``attack`` at ``eps``."""
+        return self.clean_correct & (self.pred[attack][eps] == self.labels)
+
+    def accuracy(self, attack: str, eps: float) -> float:
+        return float(self.correct(attack, eps).mean())
+
+    def worst_correct(self, eps: float, attacks_: Sequence[str] | None = None) -> np.ndarray:
+        """``[N]`` bool: robust to every attack (of ``attacks_``, default all) at ``eps``."""
+        ok = self.clean_correct.copy()
+        for a in self.pred if attacks_ is None else attacks_:
+            ok &= self.pred[a][eps] == self.labels
+        return ok
+
+    def worst_accuracy(self, eps: float) -> float:
+        return float(self.worst_correct(eps).mean())
+
+    def throughput(self, attack: str) -> float:
+        """Examples per second, over all radii, compilation excluded."""
+        return self.n * len(self.eps_values) / max(sum(self.seconds[attack].values()), 1e-9)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.name,
+            "norm": self.norm,
+            "n_examples": self.n,
+            "eps": self.eps_values,
+            "clean_accuracy": float(self.clean_correct.mean()),
+            "attacks": {
+                a: {
+                    "kind": self.kinds[a],
+                    "accuracy": {str(e): self.accuracy(a, e) for e in self.eps_values},
+                    "seconds": {str(e): self.seconds[a][e] for e in self.eps_values},
+                    "compile_seconds": self.compile_s[a],
+                    "examples_per_second": self.throughput(a),
+                }
+                for a in self.pred
+            },
+            "worst_case_accuracy": {str(e): self.worst_accuracy(e) for e in self.eps_values},
+            "skipped": self.skipped,
+            **self.extra,
+        }
+
+
+def evaluate(
+    models: Models,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    suite: Sequence[AttackSpec],
+    eps_values: Sequence[float],
+    norm: str = "linf",
+    batch_size: int = 250,
+    seed: int = 0,
+    keep: int = 8,
+    progress: bool = True,
+) -> EvalResult:
+    """Runs ``suite`` on ``x [N, H, W, C]`` float32 in [0, 1], ``y [N]`` at each radius.
+
+    Attack ``i`` gets key ``fold_in(key(seed), i)``, so results are reproducible for a seed.
+    Attacks whose extra model is missing are skipped (listed in ``result.skipped``).
+    """
+    check_norm(norm)
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.int32)
+    if x.ndim != 4 or y.shape != (len(x),):
+        raise ValueError(f"evaluate: need x [N, H, W, C] and y [N]; got {x.shape}, {y.shape}.")
+    if len(x) == 0:
+        raise ValueError("evaluate: no examples.")
+    if float(x.min()) < 0.0 or float(x.max()) > 1.0:
+        raise ValueError("evaluate: images must lie in [0, 1].")
+    eps_values = [float(e) for e in eps_values]
+    if not eps_values or min(eps_values) <= 0:
+        raise ValueError(f"evaluate: eps values must be > 0; got {eps_values}.")
+    key = jax.random.key(seed)
+    res = EvalResult(
+        name=models.name, norm=norm, eps_values=eps_values, labels=y.astype(np.int64),
+        clean_pred=predict(models.logits_fn, x, batch_size=batch_size), pred={}, seconds={},
+        compile_s={}, kinds={}, skipped={}, examples={}, clean_examples=x[:keep],
+    )  # fmt: skip
+    for i, spec in enumerate(suite):
+        reason = skip_reason(spec, models)
+        if reason:
+            res.skipped[spec.name] = reason
+            continue
+        out = run_attack(
+            spec, models, x, y, eps_values=eps_values, norm=norm,
+            key=jax.random.fold_in(key, i), batch_size=batch_size, keep=keep, progress=progress,
+        )  # fmt: skip
+        res.pred[spec.name] = out["pred"]
+        res.seconds[spec.name] = out["seconds"]
+        res.compile_s[spec.name] = out["compile_s"]
+        res.kinds[spec.name] = spec.kind
+        res.examples[spec.name] = out["examples"]
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting.
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_eps(e: float) -> str:
+    """``8/255`` for multiples of 1/255 that are not round decimals, else ``0.1``."""
+    k = round(e * 255)
+    if math.isclose(e * 255, k, abs_tol=1e-6) and not math.isclose(e * 100, round(e * 100)):
+        return f"{k}/255"
+    return f"{e:g}"
+
+
+def format_table(res: EvalResult) -> str:
+    """A text table: one row per attack (accuracy in % at each eps, examples/s), then the
+    per-example worst case."""
+    cols = [_fmt_eps(e) for e in res.eps_values]
+    w = max([len("worst case (all attacks)")] + [len(a) for a in res.pred]) + 2
+    head = f"{'attack':<{w}}{'kind':<15}" + "".join(f"{c:>9}" for c in cols) + f"{'ex/s':>10}"
+    lines = [
+        f"{res.name}: {res.norm} robust accuracy (%) on {res.n} examples; "
+        f"clean {100 * res.clean_correct.mean():.1f}%",
+        head,
+        "-" * len(head),
+    ]
+    for a in res.pred:
+        accs = "".join(f"{100 * res.accuracy(a, e):>9.1f}" for e in res.eps_values)
+        lines.append(f"{a:<{w}}{res.kinds[a]:<15}{accs}{res.throughput(a):>10.0f}")
+    lines.append("-" * len(head))
+    accs = "".join(f"{100 * res.worst_accuracy(e):>9.1f}" for e in res.eps_values)
+    lines.append(f"{'worst case (all attacks)':<{w}}{'':<15}{accs}")
+    for a, why in res.skipped.items():
+        lines.append(f"(skipped {a}: {why})")
+    return "\n".join(lines)
+
+
+def save_json(payload: dict, path) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=float)
+
+
+def plot_accuracy_vs_eps(results: Sequence[EvalResult], path) -> None:
+    """PNG: robust accuracy vs eps, one panel per model, one line per attack, worst case
+    in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, res in zip(axes[0], results, strict=True):
+        eps = res.eps_values
+        for a in res.pred:
+            ax.plot(eps, [100 * res.accuracy(a, e) for e in eps], marker="o", label=a)
+        ax.plot(eps, [100 * res.worst_accuracy(e) for e in eps], "k--", lw=2.5,
+                marker="s", label="worst case")  # fmt: skip
+        ax.set_title(f"{res.name} (clean {100 * res.clean_correct.mean():.1f}%)")
+        ax.set(xlabel=f"eps ({res.norm})", ylabel="robust accuracy (%)", ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_examples(res: EvalResult, path, *, eps: float | None = None, rows: int = 6) -> None:
+    """PNG grid: clean images and each attack's adversarial image at ``eps`` (default the
+    largest), titled with the prediction (red when wrong)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = res.eps_values[-1] if eps is None else eps
+    rows = min(rows, len(res.clean_examples))
+    cols = ["clean"] + list(res.pred)
+    fig, axes = plt.subplots(rows, len(cols), figsize=(1.4 * len(cols), 1.5 * rows),
+                             squeeze=False)  # fmt: skip
+    for r in range(rows):
+        for c, name in enumerate(cols):
+            ax = axes[r, c]
+            if name == "clean":
+                img, pred = res.clean_examples[r], res.clean_pred[r]
+            else:
+                img, pred = res.examples[name][eps][r], res.pred[name][eps][r]
+            cmap = "gray" if img.shape[-1] == 1 else None
+            ax.imshow(np.clip(img.squeeze(-1) if img.shape[-1] == 1 else img, 0, 1), cmap=cmap,
+                      vmin=0, vmax=1)  # fmt: skip
+            ax.set_title(f"{name}\npred {pred}" if r == 0 else f"pred {pred}", fontsize=7,
+                         color="black" if pred == res.labels[r] else "red")  # fmt: skip
+            ax.axis("off")
+    fig.suptitle(f"{res.name}: {res.norm} eps={_fmt_eps(eps)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
