@@ -36,6 +36,9 @@ __all__ = [
     "EvalResult",
     "Models",
     "build_suite",
+    "default_eps",
+    "evaluate_checkpoints",
+    "find_run_dirs",
     "evaluate",
     "format_table",
     "models_from_nnx",
@@ -534,3 +537,112 @@ def plot_examples(res: EvalResult, path, *, eps: float | None = None, rows: int 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints written by train.py (what attack.py runs).
+# --------------------------------------------------------------------------------------------
+
+
+def find_run_dirs(path) -> list:
+    """Run directories under ``path``: ``[path]`` if it holds a ``config.json``, else its
+    sub-directories that do (sorted). Raises ``FileNotFoundError`` if there are none."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {str(path)!r} does not exist.")
+    if (path / "config.json").is_file():
+        return [path]
+    runs = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+    if not runs:
+        raise FileNotFoundError(
+            f"{str(path)!r} has no config.json and no sub-directory with one; pass a run "
+            "directory written by train.py (e.g. runs/default/kwta) or its parent."
+        )
+    return runs
+
+
+def default_eps(dataset: str) -> tuple[float, ...]:
+    """Default L-inf radii for a dataset name (``mnist*`` or ``cifar*``)."""
+    for prefix, values in DEFAULT_EPS.items():
+        if dataset.lower().startswith(prefix):
+            return values
+    raise ValueError(f"no default eps for dataset {dataset!r}; pass --eps.")
+
+
+def evaluate_checkpoints(
+    path,
+    *,
+    attack_names: Sequence[str] = DEFAULT_SUITE,
+    eps_values: Sequence[float] | None = None,
+    norm: str = "linf",
+    n_examples: int = 1000,
+    batch_size: int = 250,
+    seed: int = 0,
+    budget: str = "default",
+    surrogate: str = "identity",
+    out=None,
+    diagnose: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Evaluates every run under ``path`` (see `find_run_dirs`) and writes the report.
+
+    With several runs, the ReLU one (``config["act"] == "relu"``) is the transfer surrogate
+    of the others. Writes ``out/results.json``, ``out/accuracy_vs_eps.png`` and
+    ``out/examples_<run>.png`` (``out`` defaults to ``path/attack``); logs the table, the
+    worst case and the diagnostics. Returns the JSON payload.
+    """
+    from pathlib import Path
+
+    from kwta_jax import checkpointing, data
+    from kwta_jax.diagnostics import format_flags, run_diagnostics
+
+    suite = build_suite(attack_names, norm=norm, budget=budget)
+    runs = find_run_dirs(path)
+    loaded = {}
+    for run in runs:
+        model, config = checkpointing.load_trained_model(run)
+        loaded[run] = (model, config)
+    relu = [r for r, (_, c) in loaded.items() if str(c.get("act", "")).lower() == "relu"]
+    source = loaded[relu[0]][0] if relu else None
+    out = Path(out) if out is not None else Path(path) / "attack"
+    out.mkdir(parents=True, exist_ok=True)
+
+    payload = {"path": str(path), "budget": budget, "seed": seed, "runs": []}
+    results, datasets = [], {}
+    for run, (model, config) in loaded.items():
+        name = f"{run.name} ({config.get('act', '?')})"
+        ds_key = (config["dataset"], config.get("data_dir"), config.get("seed", 0))
+        if ds_key not in datasets:
+            datasets[ds_key] = data.load_dataset(
+                config["dataset"], data_dir=config.get("data_dir"), seed=config.get("seed", 0)
+            )
+        ds = datasets[ds_key]
+        x = np.asarray(ds.test_images[:n_examples], np.float32)
+        y = np.asarray(ds.test_labels[:n_examples], np.int32)
+        eps = list(eps_values) if eps_values else list(default_eps(config["dataset"]))
+        models = models_from_nnx(
+            model, source=None if run in relu[:1] else source, surrogate=surrogate, name=name
+        )
+        log(f"\n== {name}: {config['dataset']}, {len(x)} test examples, {norm} eps {eps}")
+        t0 = time.perf_counter()
+        res = evaluate(models, x, y, suite=suite, eps_values=eps, norm=norm,
+                       batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
+        res.extra["run_dir"] = str(run)
+        res.extra["config"] = config
+        log(format_table(res))
+        if diagnose:
+            flags = run_diagnostics(models, res, x, y, batch_size=batch_size, seed=seed)
+            res.extra["flags"] = [f.to_dict() for f in flags]
+            log(format_flags(flags, name))
+        res.extra["wall_seconds"] = time.perf_counter() - t0
+        log(f"({res.extra['wall_seconds']:.0f} s)")
+        results.append(res)
+        payload["runs"].append(res.to_dict())
+        plot_examples(res, out / f"examples_{run.name}.png")
+    plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
+    save_json(payload, out / "results.json")
+    log(f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_eps.png'} and example grids")
+    return payload
