@@ -55,11 +55,11 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 # Attack budgets. "default" keeps `attack.py` on the default mnist5k MLP (1,000 images, two
 # models) within minutes on two CPU cores; "strong" is what a paper-grade evaluation needs.
 BUDGETS: dict[str, dict] = {
-    "quick": dict(pgd_steps=10, apgd_steps=10, restarts=1, square_queries=100, eot_samples=4,
-                  eot_steps=10, fd_samples=8, fd_steps=10, deepfool_steps=10, cw_steps=30),
-    "default": dict(pgd_steps=20, apgd_steps=20, restarts=1, square_queries=300,
-                    eot_samples=8, eot_steps=20, fd_samples=16, fd_steps=20, deepfool_steps=20,
-                    cw_steps=50),
+    "quick": dict(pgd_steps=5, apgd_steps=5, restarts=1, square_queries=50, eot_samples=2,
+                  eot_steps=5, fd_samples=4, fd_steps=5, deepfool_steps=5, cw_steps=20),
+    "default": dict(pgd_steps=10, apgd_steps=10, restarts=1, square_queries=100,
+                    eot_samples=4, eot_steps=10, fd_samples=8, fd_steps=10, deepfool_steps=10,
+                    cw_steps=30),
     "strong": dict(pgd_steps=100, apgd_steps=100, restarts=5, square_queries=5000,
                    eot_samples=32, eot_steps=100, fd_samples=64, fd_steps=100,
                    deepfool_steps=50, cw_steps=200),

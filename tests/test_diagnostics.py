@@ -36,9 +36,9 @@ def test_masked_model_is_flagged(masked):
     assert res.worst_accuracy(0.4) <= 0.1
     assert flags["zero_input_gradient"].fired and flags["zero_input_gradient"].value == 1.0
     assert flags["flat_loss_along_gradient"].fired
-    assert flags["bpda_beats_white_box"].fired
-    assert flags["square_beats_white_box"].fired
-    assert flags["transfer_beats_white_box"].fired
+    assert flags["bpda_beats_pgd"].fired
+    assert flags["square_beats_pgd"].fired
+    assert flags["transfer_beats_pgd"].fired
     assert flags["large_eps_not_broken"].fired
     text = diagnostics.format_flags(list(flags.values()), "step")
     assert "[FLAG] zero_input_gradient" in text and "gradient masking likely" in text

@@ -1,0 +1,126 @@
+"""attack.py: argument validation without tracebacks, and an end-to-end run."""
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import attack  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{tmp}", "--attacks", "pgd", "nope"], "unknown attack(s) ['nope']"),
+        (["{tmp}", "--eps", "0.1", "0"], "--eps values must be > 0"),
+        (["{tmp}/missing"], "does not exist"),
+        (["{tmp}", "--n-examples", "0"], "must be positive"),
+        (["{tmp}", "--norm", "l2", "--attacks", "square"], "square is L-inf only"),
+    ],
+)
+def test_bad_arguments_exit_with_a_clear_message(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        attack.parse_args([a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_dir_without_runs_is_a_clean_error(tmp_path, capsys):
+    assert attack.main([str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def _fake_training_modules(monkeypatch, tmp_path):
+    """Stand-ins for kwta_jax.checkpointing / kwta_jax.data with the contract's signatures:
+    a ReLU and a k-WTA MLP on toy 8x8 images, so the CLI path is tested without train.py."""
+    from flax import nnx
+    from test_attacks_adaptive import toy_data
+
+    from kwta_jax.layers import KWTA
+
+    class MLP(nnx.Module):
+        def __init__(self, act):
+            rngs = nnx.Rngs(0)
+            self.l1, self.act, self.l2 = (
+                nnx.Linear(64, 32, rngs=rngs),
+                act,
+                nnx.Linear(32, 4, rngs=rngs),
+            )
+
+        def __call__(self, x):
+            return self.l2(self.act(self.l1(x.reshape(x.shape[0], -1))))
+
+    runs = {}
+    for act in ("relu", "kwta"):
+        run = tmp_path / "runs" / act
+        run.mkdir(parents=True)
+        config = {"dataset": "mnist-toy", "model": "mlp", "act": act, "ratio": 0.25, "seed": 0,
+                  "data_dir": None}  # fmt: skip
+        (run / "config.json").write_text(json.dumps(config))
+        runs[run.name] = (MLP(nnx.relu if act == "relu" else KWTA(0.25)), config)
+
+    x, y, _ = toy_data(32, seed=3)
+    checkpointing = types.ModuleType("kwta_jax.checkpointing")
+    checkpointing.load_trained_model = lambda run_dir: runs[Path(run_dir).name]
+    data = types.ModuleType("kwta_jax.data")
+    data.load_dataset = lambda name, *, data_dir=None, seed=0: types.SimpleNamespace(
+        test_images=x, test_labels=y, num_classes=4, name=name
+    )
+    import kwta_jax
+
+    monkeypatch.setitem(sys.modules, "kwta_jax.checkpointing", checkpointing)
+    monkeypatch.setitem(sys.modules, "kwta_jax.data", data)
+    monkeypatch.setattr(kwta_jax, "checkpointing", checkpointing, raising=False)
+    monkeypatch.setattr(kwta_jax, "data", data, raising=False)
+    return tmp_path / "runs"
+
+
+def test_cli_end_to_end_on_stand_in_runs(monkeypatch, tmp_path, capsys):
+    runs = _fake_training_modules(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    argv = [str(runs), "--quick", "--attacks", "fgsm", "pgd", "bpda", "transfer", "--eps",
+            "0.1", "0.3", "--batch-size", "16", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert attack.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "worst case (all attacks)" in text and "gradient-masking diagnostics" in text
+    payload = json.loads((out / "results.json").read_text())
+    by_act = {r["config"]["act"]: r for r in payload["runs"]}
+    # The ReLU run is the transfer surrogate of the k-WTA run, and has no BPDA copy.
+    assert set(by_act["kwta"]["attacks"]) == {"fgsm", "pgd", "bpda", "transfer"}
+    assert set(by_act["relu"]["skipped"]) == {"bpda", "transfer"}
+    for r in payload["runs"]:
+        worst = r["worst_case_accuracy"]["0.3"]
+        assert all(worst <= a["accuracy"]["0.3"] for a in r["attacks"].values())
+        assert r["flags"] and all("explanation" in f for f in r["flags"])
+    assert (out / "accuracy_vs_eps.png").is_file() and (out / "examples_kwta.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_a_real_train_py_run(tmp_path):
+    if not (ROOT / "train.py").is_file():
+        pytest.skip("train.py is not in the tree yet")
+    train = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "runs"), "--epochs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if train.returncode != 0:
+        pytest.skip(f"train.py did not accept a 1-epoch run: {train.stderr[-300:]}")
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "attack.py"), str(tmp_path / "runs"), "--quick",
+         "--n-examples", "64", "--attacks", "fgsm", "pgd", "bpda", "transfer", "--no-progress",
+         "--out", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "worst case (all attacks)" in res.stdout
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(payload["runs"]) == 2
+    assert np.isfinite([r["clean_accuracy"] for r in payload["runs"]]).all()
