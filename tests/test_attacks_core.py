@@ -107,7 +107,7 @@ def _jitted_attack(name, norm):
     return jax.jit(run)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     eps=st.floats(1e-3, 2.0),
