@@ -83,12 +83,21 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"attack.py: error: {e}", file=sys.stderr)
         return 2
-    evaluate_checkpoints(
-        args.run_dir, attack_names=args.attacks, eps_values=args.eps, norm=args.norm,
-        n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
-        budget=args.budget, surrogate=args.bpda_surrogate, out=args.out,
-        diagnose=not args.no_diagnostics, progress=not args.no_progress,
-    )  # fmt: skip
+    try:
+        from kwta_jax.checkpointing import CheckpointError
+    except ImportError:  # training code not installed: only stand-in loaders (tests)
+        CheckpointError = RuntimeError  # noqa: N806
+    try:
+        evaluate_checkpoints(
+            args.run_dir, attack_names=args.attacks, eps_values=args.eps, norm=args.norm,
+            n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
+            budget=args.budget, surrogate=args.bpda_surrogate, out=args.out,
+            diagnose=not args.no_diagnostics, progress=not args.no_progress,
+        )  # fmt: skip
+    except (CheckpointError, FileNotFoundError) as e:
+        # A run dir that cannot be loaded (no checkpoint, dataset unavailable) is a user error.
+        print(f"attack.py: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
