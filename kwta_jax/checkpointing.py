@@ -1,0 +1,342 @@
+"""Checkpoints with orbax-checkpoint: atomic, verified, resumable.
+
+A run directory (written by `kwta_jax.training.train_and_evaluate`) holds::
+
+    config.json        the run's configuration (TrainConfig fields + "model_kwargs")
+    metrics.jsonl      one JSON line per finished epoch
+    checkpoints/<N>/   orbax checkpoint after epoch N, items:
+        model          parameters and the other model state (BatchNorm statistics, dropout
+                       RNG counters), as a flat {"000000": array, ...} dict
+        train          optimizer state, step counter and PRNG key (same flat layout)
+        meta           JSON: epoch, step, data position, k-WTA ratio, config, metrics history,
+                       tree paths/shapes/dtypes of both items and their SHA-256 checksums
+    curves.png         learning curves
+
+Why a flat dict of arrays: orbax then never has to rebuild NNX ``State`` or optax named
+tuples; the tree structure comes from a freshly built template (the same code that trained
+the model), and ``meta`` records every leaf's path, shape and dtype so a mismatch (changed
+config or code) is reported clearly instead of silently mis-assigning arrays.
+
+Atomicity: orbax writes each step to a temporary directory and renames it when complete, so
+a process killed mid-save leaves only a ``*.orbax-checkpoint-tmp-*`` directory, which is not
+a step and never replaces a finished one. Saving is synchronous (no background thread) so a
+finished epoch's checkpoint is durable before the next epoch starts. A finalized step whose
+files are damaged is caught on restore (read error or checksum mismatch): `restore_latest`
+falls back to the newest good step and says so, and `quarantine` moves the bad step aside
+(never deleting it) so new saves cannot collide with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from kwta_jax.data import quiet_absl
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "flatten_tree",
+    "load_trained_model",
+    "tree_checksum",
+    "unflatten_tree",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, partial, corrupt or does not match the model."""
+
+
+# --------------------------------------------------------------------------------------------
+# Flat array dicts.
+# --------------------------------------------------------------------------------------------
+
+
+def _is_key(x) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _leaf_spec(path, leaf) -> dict:
+    """Path, shape and dtype of a leaf as stored (typed keys: their key data), JSON-friendly.
+    ``leaf`` may be abstract (`jax.ShapeDtypeStruct`)."""
+    is_key = _is_key(leaf)
+    stored = jax.eval_shape(jax.random.key_data, leaf) if is_key else leaf
+    spec = {"path": jax.tree_util.keystr(path), "shape": [int(d) for d in np.shape(stored)],
+            "dtype": str(np.dtype(stored.dtype)), "prng_key": is_key}  # fmt: skip
+    if is_key and isinstance(leaf, jax.Array):
+        spec["prng_impl"] = str(jax.random.key_impl(leaf))
+    return spec
+
+
+def flatten_tree(tree) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """``(arrays, spec)``: leaves as host NumPy arrays keyed ``"000000", "000001", ...`` in
+    tree order; typed PRNG keys become their ``uint32`` key data. ``spec`` lists each leaf's
+    path, shape and dtype (JSON-friendly) for validation on restore."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    arrays, spec = {}, []
+    for i, (path, leaf) in enumerate(leaves):
+        value = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+        arrays[f"{i:06d}"] = np.asarray(jax.device_get(value))
+        spec.append(_leaf_spec(path, leaf))
+    return arrays, spec
+
+
+def unflatten_tree(template, arrays: dict[str, np.ndarray], spec: list[dict]):
+    """Inverse of `flatten_tree`: the leaves of ``arrays`` in the structure of ``template``
+    (concrete or abstract leaves), validated against the saved ``spec``.
+
+    Raises `CheckpointError` if the number, paths, shapes or dtypes of the leaves differ.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    want = [_leaf_spec(path, leaf) for path, leaf in leaves]
+    if len(arrays) != len(want) or len(spec) != len(want):
+        raise CheckpointError(
+            f"checkpoint holds {len(arrays)} arrays but the model/optimizer has {len(want)}; "
+            "was it written with a different --model/--act/--optimizer or code version?"
+        )
+    out = []
+    for i, (saved, w) in enumerate(zip(spec, want, strict=True)):
+        value = np.asarray(arrays[f"{i:06d}"])
+        got = (saved["path"], saved["shape"], saved["dtype"], list(value.shape), str(value.dtype))
+        if got != (w["path"], w["shape"], w["dtype"], w["shape"], w["dtype"]):
+            raise CheckpointError(
+                f"checkpoint leaf {saved['path']} {tuple(value.shape)} {value.dtype} does not "
+                f"match the model's {w['path']} {tuple(w['shape'])} {w['dtype']}; was it written "
+                "with different options or code?"
+            )
+        if saved["prng_key"]:
+            value = jax.random.wrap_key_data(value, impl=saved.get("prng_impl", "threefry2x32"))
+        out.append(value)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def tree_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every array's name, dtype, shape and bytes (in key order)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Manager.
+# --------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Orbax `CheckpointManager` over ``run_dir/checkpoints`` with verified restore.
+
+    Steps are epoch numbers (the checkpoint after epoch ``N`` is step ``N``).
+    """
+
+    def __init__(self, run_dir, *, max_to_keep: int | None = 3, read_only: bool = False):
+        import orbax.checkpoint as ocp
+
+        self.directory = Path(run_dir).absolute() / CHECKPOINT_DIR
+        self.read_only = read_only
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint directory {self.directory}.")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=0 if read_only else 1,
+            create=not read_only,
+            read_only=read_only,
+            # Synchronous: a finished epoch is on disk before the next one starts.
+            enable_async_checkpointing=False,
+            # Leftovers of a killed save are harmless, but clean them on (re)start.
+            cleanup_tmp_directories=not read_only,
+        )
+        with quiet_absl(read_only):  # orbax warns that a read-only directory is read-only
+            self._manager = ocp.CheckpointManager(
+                self.directory, item_names=("model", "train", "meta"), options=options
+            )
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def steps(self) -> list[int]:
+        """Finalized steps on disk, ascending (partial/temporary saves are not listed)."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, model_tree, train_tree, meta: dict) -> None:
+        """Saves ``model_tree`` (params and model state), ``train_tree`` (optimizer state,
+        step, key) and JSON ``meta`` as step ``step`` atomically."""
+        import orbax.checkpoint as ocp
+
+        if step in self.steps():
+            raise CheckpointError(
+                f"checkpoint step {step} already exists in {self.directory}; refusing to "
+                "overwrite it."
+            )
+        model_arrays, model_spec = flatten_tree(model_tree)
+        train_arrays, train_spec = flatten_tree(train_tree)
+        meta = dict(meta)
+        meta.update(
+            model_spec=model_spec, train_spec=train_spec,
+            model_sha256=tree_checksum(model_arrays), train_sha256=tree_checksum(train_arrays),
+            saved_at=time.time(),
+        )  # fmt: skip
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardSave(model_arrays),
+                train=ocp.args.StandardSave(train_arrays),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+        self._manager.wait_until_finished()
+
+    def _restore_step(self, step: int, items: tuple[str, ...]) -> dict:
+        """Reads ``items`` of ``step`` and verifies their checksums; raises `CheckpointError`."""
+        import orbax.checkpoint as ocp
+
+        where = self.directory / str(step)
+        try:
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )["meta"]
+        except Exception as e:  # noqa: BLE001 - any read failure means "unusable step"
+            raise CheckpointError(f"checkpoint {where} is unreadable (meta: {_short(e)}).") from e
+        if not isinstance(meta, dict) or "model_spec" not in meta:
+            raise CheckpointError(f"checkpoint {where} has no valid meta item.")
+        out = {"meta": meta}
+        for item in items:
+            spec = meta[f"{item}_spec"]
+            # Restore as host NumPy arrays of the recorded shapes/dtypes.
+            target = {
+                f"{i:06d}": np.zeros(s["shape"], np.dtype(s["dtype"])) for i, s in enumerate(spec)
+            }
+            try:
+                arrays = self._manager.restore(
+                    step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+                )[item]
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(
+                    f"checkpoint {where} is corrupt or partial ({item}: {_short(e)})."
+                ) from e
+            arrays = {k: np.asarray(v) for k, v in arrays.items()}
+            if tree_checksum(arrays) != meta[f"{item}_sha256"]:
+                raise CheckpointError(
+                    f"checkpoint {where} is corrupt: the {item} arrays do not match the "
+                    "checksum recorded when they were saved."
+                )
+            out[item] = arrays
+        return out
+
+    def restore_latest(
+        self, items: tuple[str, ...] = ("model", "train"), *, log=None
+    ) -> tuple[int, dict, list[int]]:
+        """Restores the newest step that reads back intact.
+
+        Returns ``(step, {"meta": dict, item: arrays...}, bad_steps)`` where ``bad_steps`` are
+        newer steps that failed verification (reported through ``log`` / a warning).
+        Raises `CheckpointError` if there is no step or none is good.
+        """
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(
+                f"no finished checkpoint in {self.directory} (a save interrupted before it "
+                "completed leaves only a temporary directory, which is ignored)."
+            )
+        bad, errors = [], []
+        for step in reversed(steps):
+            try:
+                return step, self._restore_step(step, items), bad
+            except CheckpointError as e:
+                bad.append(step)
+                errors.append(str(e))
+                msg = f"warning: {e} Falling back to an older checkpoint."
+                (log or (lambda m: warnings.warn(m, stacklevel=3)))(msg)
+        raise CheckpointError(
+            "no usable checkpoint in {}: every step failed verification:\n  {}".format(
+                self.directory, "\n  ".join(errors)
+            )
+        )
+
+    def quarantine(self, step: int) -> Path:
+        """Renames a bad step directory to ``<step>.corrupt-<time>`` (kept for inspection,
+        no longer a step, so later saves never touch it). Returns the new path."""
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.corrupt-{int(time.time())}"
+        os.replace(src, dst)
+        self._manager.reload()
+        return dst
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a trained model.
+# --------------------------------------------------------------------------------------------
+
+
+def read_config(run_dir) -> dict:
+    """The ``config.json`` of a run directory (raises `CheckpointError` if missing/invalid)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        msg = f"{path} not found: not a run directory written by train.py."
+        raise CheckpointError(msg) from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
+
+
+def load_trained_model(run_dir, *, log=None) -> tuple[Any, dict]:
+    """Model of a run directory, restored from its newest good checkpoint, in eval mode.
+
+    Args:
+      run_dir: a directory written by train.py (``config.json`` and ``checkpoints/``).
+      log: where to report skipped corrupt checkpoints (default: `warnings.warn`).
+
+    Returns:
+      ``(model, config)``: the ``nnx.Module`` (``[B, H, W, C]`` float32 in [0, 1] ->
+      ``[B, classes]``, eval mode, k-WTA ratio of the restored epoch) and the ``config.json``
+      dict (``dataset``, ``model``, ``act``, ``ratio``, ``groups``, ``seed``, ``data_dir``, ...;
+      ``"restored_epoch"`` and ``"kwta_ratio"`` are added).
+
+    Raises:
+      CheckpointError: no config, no good checkpoint, or a checkpoint that does not match.
+    """
+    from flax import nnx
+
+    from kwta_jax.training import build_model_from_config, split_model
+
+    config = read_config(run_dir)
+    ckpt = Checkpointer(run_dir, read_only=True)
+    try:
+        step, restored, _ = ckpt.restore_latest(("model",), log=log)
+    finally:
+        ckpt.close()
+    meta = restored["meta"]
+    # Abstract: no initialisation compute, the arrays come from the checkpoint.
+    model = build_model_from_config(config, ratio=meta.get("kwta_ratio"), abstract=True)
+    graphdef, params, rest = split_model(model)
+    params, rest = unflatten_tree((params, rest), restored["model"], meta["model_spec"])
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    config = dict(config, restored_epoch=meta.get("epoch", step), kwta_ratio=meta.get("kwta_ratio"))
+    return model, config
