@@ -5,16 +5,18 @@
 each row's exact k-th largest rank key (see `kwta_jax.keys.rank_keys`) with a handful of
 passes, by *interpolation search on counts*:
 
-1. A strided sample of each row (``~256`` keys, sorted: cheap) proposes first candidates
-   around the sample quantile of the threshold.
+1. A strided sample of each row (about ``2 sqrt(n)`` keys, at most 512, sorted) proposes the
+   first candidates around the sample quantile of the threshold; the first pass also finds
+   each row's min and max key.
 2. Every pass evaluates ``K`` candidate keys ``c`` for every row in **one** fused XLA variadic
    reduction, producing per candidate ``count(key >= c)``, ``min{key >= c}`` (successor) and
    ``max{key < c}`` (predecessor). The bracket ``[lo, hi]`` that must hold the threshold
    shrinks to the nearest *data* keys around it, so ties and gaps collapse immediately.
 3. Next candidates interpolate linearly between ``lo`` and ``hi`` from the counts (the data are
-   locally near-uniform inside a narrow bracket), with a spread of about the binomial standard
-   deviation of the count, plus the key-space midpoint, which guarantees that the bracket at
-   least halves every pass: at most ``bits + 1`` passes on adversarial data, typically 3-5.
+   locally near-uniform inside a narrow bracket), spread over about one binomial standard
+   deviation of the estimated position. A row whose bracket did not halve in key width probes
+   the key-space midpoint next, so the width halves at least every two passes: at most
+   ``2 * bits + 1`` passes on adversarial data, typically 4-6 on ``[128, 65536]``.
 4. A row is finished when ``lo == hi`` or when a bracket end has exactly ``k`` (resp.
    ``k - 1``) keys at or above it (then that end is the k-th largest key).
 
