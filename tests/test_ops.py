@@ -20,7 +20,9 @@ from kwta_jax.ops import IMPLEMENTATIONS, competition_axes
 
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 SPECIALS = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan]
-IMPLS = sorted(IMPLEMENTATIONS)
+# Interpret-mode Pallas is too slow for the full sweep on CPU; tests/test_kernel_pallas.py runs
+# the kernel against the reference on its own (smaller) property tests.
+IMPLS = sorted(name for name in IMPLEMENTATIONS if name != "pallas")
 
 
 @functools.cache
@@ -46,9 +48,9 @@ def reference_axes(ndim: int, groups: str, axes) -> tuple[int, ...]:
 # Agreement with the NumPy reference.
 # ---------------------------------------------------------------------------------------------
 
-# Each configuration checks every one of its rows at up to 5 values of k: 1,650 rows x 2 abs x
-# 3 dtypes x (3..5) k = over 40,000 row cases per implementation, on top of the random-shape
-# property test.
+# Each configuration checks every one of its rows at up to 3 values of k: 1,650 rows x 2 abs x
+# 3 dtypes x 3 k = up to 29,700 row cases per implementation, on top of the random-shape property
+# test.
 SWEEP = [
     # (shape, groups, axes, rows per sample)
     ((300, 17), "sample", None, 1),
@@ -69,7 +71,7 @@ def test_sweep_matches_numpy_bit_for_bit(shape, groups, axes, rows, use_abs, dty
     x = tie_heavy(rng, shape, dtype)
     comp = reference_axes(len(shape), groups or "sample", axes)
     n = int(np.prod([shape[a] for a in comp]))
-    for winners in sorted({1, 2, n // 3 or 1, n - 1 or 1, n}):
+    for winners in sorted({1, n // 3 or 1, n}):
         kwargs = dict(k=winners, use_abs=use_abs, impl=impl)
         kwargs.update(groups=groups) if groups else kwargs.update(axes=axes)
         got = np.asarray(jitted_kwta(**kwargs)(x))
@@ -107,7 +109,7 @@ def kwta_cases(draw):
     return x, kwargs, comp, k
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(kwta_cases())
 def test_random_shapes_match_numpy(case):
     x, kwargs, comp, k = case
