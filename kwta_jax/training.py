@@ -342,6 +342,16 @@ def _weighted_ce(logits, labels, weights):
     return jnp.sum(weights * losses), jnp.sum(weights * correct), jnp.sum(weights)
 
 
+def _fresh(tree):
+    """A copy of an NNX state with new Variable objects owned by the current trace.
+
+    Dropout increments its RNG counter and BatchNorm writes its statistics in place; NNX only
+    allows that for Variables created at the current trace level (inside `jax.grad` or an
+    attack's loop), not for the ones the outer `jax.jit` built.
+    """
+    return jax.tree.map(lambda x: x, tree)
+
+
 def train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -371,13 +381,13 @@ def train_step(
         frozen = jax.lax.stop_gradient(state.params)
 
         def logits_fn(x):
-            return nnx.merge(graphdef, frozen, state.rest)(x)
+            return nnx.merge(graphdef, frozen, _fresh(state.rest))(x)
 
         key = jax.random.fold_in(state.key, state.step)
         images = jax.lax.stop_gradient(perturb_fn(logits_fn, images, labels, key))
 
     def loss_fn(params):
-        model = nnx.merge(graphdef, params, state.rest)
+        model = nnx.merge(graphdef, params, _fresh(state.rest))
         logits = model(images)
         loss_sum, correct, count = _weighted_ce(logits, labels, weights)
         new_rest = nnx.state(model, nnx.Not(nnx.Param))

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from kwta_jax import data
 from kwta_jax.checkpointing import load_trained_model
-from kwta_jax.layers import iter_kwta_layers
+from kwta_jax.layers import KWTA, iter_kwta_layers
 from kwta_jax.training import (
     RunDirError,
     TrainConfig,
@@ -175,10 +176,43 @@ def test_perturbation_hook_trains_on_the_perturbed_batch(tiny_data):
     assert float(a1) == float(a2) and float(a1) != float(b1)
 
 
+class _TinyBNDropout(nnx.Module):
+    """Conv - BatchNorm - k-WTA - Dropout - Dense: every kind of mutable state a model has."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.act = KWTA(0.5)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.head = nnx.Linear(4 * 6 * 6, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.drop(self.act(self.bn(self.conv(x))))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+def test_step_updates_batchnorm_statistics_and_dropout_rng(tiny_data):
+    model = _TinyBNDropout(nnx.Rngs(jax.random.key(0, impl="rbg")))
+    graphdef, params, rest = split_model(model)
+    tx = optax.adam(1e-3)
+    state = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), jax.random.key(0))
+    x = jax.image.resize(jnp.asarray(tiny_data.train_images[:8]), (8, 6, 6, 1), "linear")
+    batch = _batch(np.asarray(x), tiny_data.train_labels[:8])
+
+    def attack(logits_fn, x, y, key):  # runs the train-mode model inside the hook too
+        return jnp.clip(x + 0.0 * jax.grad(lambda v: logits_fn(v).sum())(x), 0, 1)
+
+    step = jax.jit(lambda s, b: train_step(graphdef, tx, s, b, perturb_fn=attack))
+    s1, m1 = step(state, batch)
+    s2, m2 = step(s1, batch)
+    old, new = nnx.to_pure_dict(state.rest), nnx.to_pure_dict(s1.rest)
+    assert not np.allclose(new["bn"]["mean"], old["bn"]["mean"])  # batch statistics moved
+    assert int(new["drop"]["rngs"]["count"]) == int(old["drop"]["rngs"]["count"]) + 1
+    assert float(m1["loss_sum"]) != float(m2["loss_sum"])  # new dropout mask, new params
+
+
 def test_pgd_perturb_stays_in_the_eps_ball(tiny_data):
     graphdef, _, state = _state()
-    from flax import nnx
-
     model = nnx.merge(graphdef, state.params, state.rest)
     perturb = make_pgd_perturb(eps=0.1, steps=2, step_size=0.05)
     x, y = jnp.asarray(tiny_data.test_images[:8]), jnp.asarray(tiny_data.test_labels[:8])
@@ -237,8 +271,6 @@ def test_load_trained_model_matches_the_trained_weights(comparison, tiny_data):
     model, config = load_trained_model(out / "kwta")
     assert config["act"] == "kwta" and config["restored_epoch"] == 3
     assert [layer.ratio for layer in iter_kwta_layers(model)] == [0.1, 0.1]
-    from flax import nnx
-
     logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(tiny_data.test_images))
     acc = float(jnp.mean(jnp.argmax(logits, -1) == tiny_data.test_labels))
     assert acc == pytest.approx(summary["runs"]["kwta"]["clean_accuracy"])
