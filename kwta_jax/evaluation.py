@@ -614,11 +614,12 @@ def evaluate_checkpoints(
     results, datasets = [], {}
     for run, (model, config) in loaded.items():
         name = f"{run.name} ({config.get('act', '?')})"
-        ds_key = (config["dataset"], config.get("data_dir"), config.get("seed", 0))
+        # The test split is a function of these fields (the split of mnist5k is seeded).
+        split = {k: config.get(k) for k in ("data_dir", "seed", "test_size", "max_test")}
+        split = {k: v for k, v in split.items() if v is not None}
+        ds_key = (config["dataset"], tuple(sorted(split.items())))
         if ds_key not in datasets:
-            datasets[ds_key] = data.load_dataset(
-                config["dataset"], data_dir=config.get("data_dir"), seed=config.get("seed", 0)
-            )
+            datasets[ds_key] = data.load_dataset(config["dataset"], **split)
         ds = datasets[ds_key]
         x = np.asarray(ds.test_images[:n_examples], np.float32)
         y = np.asarray(ds.test_labels[:n_examples], np.int32)
