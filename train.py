@@ -4,11 +4,16 @@
     python train.py --model cnn --epochs 5 --out runs/cnn
     python train.py --dataset cifar10 --data-dir ~/tfds --model resnet18 --epochs 100 \\
         --anneal 0.2:0.1:10 --act kwta relu
+    python train.py --experiment seed-6             # the write-up's MNIST experiment + attacks
+    python train.py --experiment all --data-dir ~/tfds   # all six (1-5 need CIFAR-10)
+    python train.py --list-experiments
 
 Each activation is trained into OUT/<act>/ (config.json, metrics.jsonl, orbax checkpoints
 after every epoch, curves.png); OUT/summary.json holds the comparison printed at the end.
-A killed run continues with --resume. All the work is in kwta_jax.training; this file only
-parses and checks the options.
+A killed run continues with --resume. With --experiment, a preset of kwta_jax.experiments
+trains both models and then runs the attack suite (OUT defaults to runs/experiments/NAME).
+All the work is in kwta_jax.training / kwta_jax.experiments; this file only parses and checks
+the options.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kwta_jax.data import DATASETS, DatasetUnavailableError
+from kwta_jax.data import DATASETS, DatasetUnavailableError, check_available
+from kwta_jax.evaluation import BUDGETS
+from kwta_jax.experiments import EXPERIMENTS, get_experiment
 from kwta_jax.models import ACTIVATIONS, KWTA_SCOPES, MODELS
 from kwta_jax.training import (
     DEFAULT_FGSM_EPS,
@@ -27,6 +34,16 @@ from kwta_jax.training import (
 )
 
 DEFAULTS = TrainConfig()
+
+# Options an experiment preset lets the user change (the rest define the experiment).
+EXPERIMENT_OVERRIDES = (
+    "dataset", "data_dir", "epochs", "batch_size", "lr", "seed", "max_train", "max_test",
+)  # fmt: skip
+_TRAINING_ONLY = (
+    "model", "act", "ratio", "groups", "kwta_scope", "conv_ratio", "optimizer", "weight_decay",
+    "anneal", "adv_train", "adv_steps", "adv_step_size", "eps",
+)  # fmt: skip
+_UNSET = object()
 
 
 def _ratio(text: str) -> float:
@@ -177,7 +194,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="multi-host: call jax.distributed.initialize() (cluster from the environment)",
     )
+    exp = parser.add_argument_group(
+        "experiments", "the write-up's six ReLU-vs-k-WTA experiments, trained then attacked"
+    )
+    exp.add_argument(
+        "--experiment",
+        choices=[*EXPERIMENTS, "all"],
+        default=None,
+        help="run a preset (or all six) end to end: train both models, run the attack suite, "
+        "write table.md / experiment.json / accuracy_vs_eps.png. Only --dataset, --data-dir, "
+        "--epochs, --batch-size, --lr, --seed, --max-train, --max-test may change a preset",
+    )
+    exp.add_argument("--list-experiments", action="store_true", help="list the presets and exit")
+    exp.add_argument(
+        "--attack-budget",
+        choices=sorted(BUDGETS),
+        default="default",
+        help="attack iterations / queries of the experiment's suite",
+    )
+    exp.add_argument(
+        "--attack-examples",
+        type=_positive_int,
+        default=1000,
+        help="test examples the experiment attacks",
+    )
     args = parser.parse_args(argv)  # fmt: skip
+    if args.list_experiments or args.experiment is not None:
+        return _check_experiment_args(parser, args, argv)
 
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
@@ -203,11 +246,100 @@ def parse_args(argv=None) -> argparse.Namespace:
             check_run_dir(f"{args.out}/{act}", cfg, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, RunDirError) as e:
         parser.error(str(e))
+    try:
+        check_available(args.dataset, data_dir=args.data_dir)
+    except DatasetUnavailableError as e:
+        parser.exit(2, f"train.py: error: {e}\n")
     return args
+
+
+def _explicit_options(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """Destinations the command line sets (argparse fills only the unset ones with defaults)."""
+    dests = vars(parser.parse_args([])).keys()
+    given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, _UNSET)))
+    return {k for k, v in vars(given).items() if v is not _UNSET}
+
+
+def _check_experiment_args(parser, args, argv) -> argparse.Namespace:
+    explicit = _explicit_options(parser, argv)
+    fixed = sorted(explicit & set(_TRAINING_ONLY))
+    if fixed:
+        names = ", ".join("--" + f.replace("_", "-") for f in fixed)
+        allowed = ", ".join("--" + o.replace("_", "-") for o in EXPERIMENT_OVERRIDES)
+        parser.error(f"{names}: fixed by the --experiment preset (it may change only {allowed})")
+    if args.list_experiments:
+        return args
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    overrides = {k: getattr(args, k) for k in EXPERIMENT_OVERRIDES if k in explicit}
+    if "out" not in explicit:
+        args.out = "runs/experiments"
+    args.experiments, args.unavailable = [], {}
+    try:
+        for name in names:
+            experiment = get_experiment(name).with_overrides(**overrides)
+            out = (
+                f"{args.out}/{name}"
+                if args.experiment == "all" or "out" not in explicit
+                else args.out
+            )
+            for act in experiment.acts:
+                cfg = TrainConfig(**{**experiment.config.__dict__, "act": act})
+                cfg.resolved().validate()
+                check_run_dir(f"{out}/{act}", cfg, resume=args.resume, overwrite=args.overwrite)
+            try:
+                check_available(experiment.config.dataset, data_dir=experiment.config.data_dir)
+            except DatasetUnavailableError as e:
+                args.unavailable[name] = str(e)
+                continue
+            args.experiments.append((experiment, out))
+    except (ValueError, RunDirError) as e:
+        parser.error(str(e))
+    if args.experiment != "all" and args.unavailable:
+        parser.exit(2, f"train.py: error: {args.unavailable[args.experiment]}\n")
+    return args
+
+
+def _list_experiments() -> str:
+    lines = []
+    for name, e in EXPERIMENTS.items():
+        c = e.config
+        lines.append(f"{name}  {e.description}")
+        fgsm = ", ".join(f"{x:g}" for x in e.fgsm_eps)
+        lines.append(
+            f"        {c.dataset}, {c.model}, {' vs '.join(e.acts)}, ratio {c.ratio:g}, "
+            f"{c.epochs} epochs; FGSM eps {fgsm}"
+        )
+    return "\n".join(lines)
+
+
+def run_experiments(args) -> int:
+    from kwta_jax import experiments
+
+    for name, message in args.unavailable.items():
+        print(f"train.py: skipping experiment {name}: {message}\n", file=sys.stderr)
+    for experiment, out in args.experiments:
+        experiments.run_experiment(
+            experiment, out, budget=args.attack_budget, n_examples=args.attack_examples,
+            resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+        )  # fmt: skip
+    if args.unavailable:
+        ran = ", ".join(e.name for e, _ in args.experiments) or "none"
+        print(f"\nran: {ran}; skipped (data not available here): {', '.join(args.unavailable)}",
+              file=sys.stderr)  # fmt: skip
+    return 0 if args.experiments else 2
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.list_experiments:
+        print(_list_experiments())
+        return 0
+    if args.experiment is not None:
+        if args.distributed:
+            from kwta_jax import training
+
+            training.initialize_distributed()
+        return run_experiments(args)
     from kwta_jax import training
 
     if args.distributed:

@@ -32,6 +32,7 @@ __all__ = [
     "Batch",
     "Dataset",
     "DatasetUnavailableError",
+    "check_available",
     "batch_indices",
     "iterate_batches",
     "load_dataset",
@@ -186,7 +187,8 @@ def _unavailable_message(name: str, data_dir, reason: str) -> str:
     )
 
 
-def _read_tfds_split(name: str, split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+def _open_tfds_source(name: str, split: str, data_dir):
+    """The random-access ``tfds.data_source`` of a prepared split (reads no records)."""
     import tensorflow_datasets as tfds
 
     try:
@@ -196,10 +198,34 @@ def _read_tfds_split(name: str, split: str, data_dir) -> tuple[np.ndarray, np.nd
         # FileNotFoundError, DatasetNotFoundError ...) for "not prepared here".
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DatasetUnavailableError(_unavailable_message(name, data_dir, reason)) from None
-    n = len(source)
-    if n == 0:
+    if len(source) == 0:
         reason = f"split {split!r} is empty"
         raise DatasetUnavailableError(_unavailable_message(name, data_dir, reason))
+    return source
+
+
+def check_available(name: str, *, data_dir: str | None = None) -> None:
+    """Fails fast when ``name`` cannot be loaded here, before any training starts.
+
+    Cheap: finds the files (and, for tfds datasets, opens the train and test splits' metadata)
+    without reading images.
+
+    Raises:
+      ValueError: unknown name.
+      DatasetUnavailableError: the data is not here; the message says how to get it.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    if name == "mnist5k":
+        mnist5k_path()
+        return
+    for split in ("train", "test"):
+        _open_tfds_source(name, split, data_dir)
+
+
+def _read_tfds_split(name: str, split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    source = _open_tfds_source(name, split, data_dir)
+    n = len(source)
     first = source[0]
     images = np.empty((n, *np.shape(first["image"])), np.uint8)
     labels = np.empty((n,), np.int32)

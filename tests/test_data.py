@@ -119,3 +119,17 @@ def test_missing_tfds_dataset_says_how_to_get_it(tmp_path):
     msg = str(info.value)
     assert "cifar10" in msg and "--data-dir" in msg and "tfds.data_source('cifar10'" in msg
     assert isinstance(info.value, FileNotFoundError)
+
+
+def test_check_available_fails_fast_without_reading(tmp_path):
+    data.check_available("mnist5k")
+    with pytest.raises(data.DatasetUnavailableError, match="(?s)cifar10.*--data-dir"):
+        data.check_available("cifar10", data_dir=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="unknown dataset 'cifar100'"):
+        data.check_available("cifar100")
+
+
+def test_check_available_accepts_a_prepared_tfds_dataset(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=4):
+        data.check_available("mnist", data_dir=str(tmp_path))

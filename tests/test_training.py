@@ -369,3 +369,50 @@ def test_cli_missing_dataset_is_a_one_line_error_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "train.py: error: dataset 'svhn_cropped' is not available offline" in proc.stderr
     assert "--data-dir" in proc.stderr
+
+
+def _train_module():
+    sys.path.insert(0, str(REPO))
+    try:
+        import train
+    finally:
+        sys.path.pop(0)
+    return train
+
+
+def test_cli_experiment_options_override_only_what_is_allowed(tmp_path):
+    train = _train_module()
+    args = train.parse_args(
+        ["--experiment", "seed-6", "--epochs", "2", "--max-train", "300", "--out", str(tmp_path)]
+    )
+    [(experiment, out)] = args.experiments
+    assert experiment.name == "seed-6" and out == str(tmp_path)
+    assert experiment.config.epochs == 2 and experiment.config.max_train == 300
+    assert experiment.config.ratio == train.EXPERIMENTS["seed-6"].config.ratio
+
+
+def test_cli_experiment_rejects_options_the_preset_fixes(capsys, tmp_path):
+    err = _cli_error(capsys, "--experiment", "seed-6", "--model", "cnn", "--act", "relu",
+                     "--out", str(tmp_path / "never"))  # fmt: skip
+    assert "--act, --model: fixed by the --experiment preset" in err and "--epochs" in err
+
+
+def test_cli_experiment_without_its_data_stops_at_start_up(capsys, tmp_path):
+    err = _cli_error(capsys, "--experiment", "seed-3", "--data-dir", str(tmp_path / "empty"))
+    assert "train.py: error: dataset 'cifar10' is not available offline" in err
+
+
+def test_cli_all_experiments_skip_those_without_data(tmp_path):
+    train = _train_module()
+    args = train.parse_args(
+        ["--experiment", "all", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path)]
+    )
+    assert [(e.name, out) for e, out in args.experiments] == [("seed-6", f"{tmp_path}/seed-6")]
+    assert sorted(args.unavailable) == ["seed-1", "seed-2", "seed-3", "seed-4", "seed-5"]
+    assert all("cifar10" in message for message in args.unavailable.values())
+
+
+def test_cli_lists_the_experiments(capsys):
+    assert _train_module().main(["--list-experiments"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"seed-{i}" in out for i in range(1, 7)) and "mnist5k, mlp" in out
