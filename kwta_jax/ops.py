@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from kwta_jax.kernels.kwta_cpu import cpu_kernel_available, kwta_rows_cpu
 from kwta_jax.kernels.kwta_pallas import kwta_rows_pallas
 from kwta_jax.keys import key_dtype, rank_keys
 from kwta_jax.select import kwta_rows_select
@@ -110,6 +111,9 @@ IMPLEMENTATIONS: dict[str, RowImpl] = {
     # Fused Pallas kernel (kernels/kwta_pallas.py): Triton on GPU, Mosaic on TPU, interpret
     # mode (slow) on CPU.
     "pallas": kwta_rows_pallas,
+    # C++ radix-select kernel through XLA FFI (kernels/kwta_cpu.py): CPU backend only,
+    # compiled with the system C++ compiler at first use.
+    "cpu": kwta_rows_cpu,
 }
 
 
@@ -119,10 +123,13 @@ def resolve_impl(impl: str) -> str:
     ``"auto"`` picks the fastest exact implementation available for `jax.default_backend`.
     """
     if impl == "auto":
-        # "select" on every backend: on CPU it is exact and ~30-60x faster than top_k (which
-        # XLA:CPU runs as a full sort); the Pallas kernel lowers for GPU/TPU but has not been
-        # run on that hardware yet (docs/benchmarks.md), so it is opt-in (impl="pallas")
-        # until it is measured bit-exact and faster there.
+        # CPU: the FFI kernel ("cpu", two passes over the data, ~2x ReLU) when a C++
+        # compiler could build it, else "select" (exact plain XLA, ~3-5x ReLU; top_k is a
+        # full sort on XLA:CPU). Other backends: "select"; the Pallas kernel lowers for
+        # GPU/TPU but has not been run on that hardware yet (docs/benchmarks.md), so it is
+        # opt-in (impl="pallas") until it is measured bit-exact and faster there.
+        if jax.default_backend() == "cpu" and cpu_kernel_available():
+            return "cpu"
         return "select"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(

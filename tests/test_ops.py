@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kwta_jax.kernels.kwta_cpu import cpu_kernel_available
 from kwta_reference import numpy_kwta, same_bits
 
 from kwta_jax import kwta, kwta_bpda, kwta_mask, num_winners
@@ -21,8 +22,13 @@ from kwta_jax.ops import IMPLEMENTATIONS, competition_axes
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 SPECIALS = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan]
 # Interpret-mode Pallas is too slow for the full sweep on CPU; tests/test_kernel_pallas.py runs
-# the kernel against the reference on its own (smaller) property tests.
-IMPLS = sorted(name for name in IMPLEMENTATIONS if name != "pallas")
+# the kernel against the reference on its own (smaller) property tests. The C++ kernel ("cpu")
+# joins the sweep where a compiler could build it (tests/test_kernel_cpu.py says why not).
+IMPLS = sorted(
+    name
+    for name in IMPLEMENTATIONS
+    if name != "pallas" and (name != "cpu" or cpu_kernel_available())
+)
 
 
 @functools.cache
