@@ -2,7 +2,8 @@
 
 Run ``python -m kwta_jax.benchmark`` (``--help`` for options). For every shape and ratio it
 times, on the default backend, ``jax.nn.relu``, ``kwta(impl="topk")`` (reference),
-``kwta(impl="select")`` (fast exact XLA path) and, where the backend compiles Pallas (GPU,
+``kwta(impl="select")`` (fast exact XLA path), on the CPU backend ``kwta(impl="cpu")`` (the
+C++ FFI kernel, when a compiler could build it) and, where the backend compiles Pallas (GPU,
 TPU; interpret mode is not a timing), ``kwta(impl="pallas")``. Each timing is the median of
 ``--repeats`` calls of a jitted function after one warm-up call (compilation excluded), each
 call ending in ``block_until_ready``. Prints a table (``--markdown`` for a Markdown one) and
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kwta_jax.kernels.kwta_cpu import cpu_kernel_available
 from kwta_jax.ops import kwta
 
 __all__ = ["DEFAULT_SHAPES", "main", "run_benchmark", "time_call"]
@@ -97,10 +99,12 @@ def run_benchmark(
     """Times every (shape, ratio, mode, implementation); returns one record per timing.
 
     Records: ``{"shape", "ratio", "mode", "impl", "ms"}``. ``impls`` defaults to relu, topk,
-    select, plus pallas when the backend is a GPU or TPU.
+    select, plus cpu on the CPU backend (when the kernel builds) and pallas on a GPU or TPU.
     """
     if impls is None:
         impls = ["relu", "topk", "select"]
+        if jax.default_backend() == "cpu" and cpu_kernel_available():
+            impls.append("cpu")
         if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
             impls.append("pallas")
     records = []
@@ -142,7 +146,7 @@ def summarize(records: list[dict]) -> list[dict]:
         rows[key][r["impl"]] = r["ms"]
     out = []
     for row in rows.values():
-        for impl in ("select", "pallas"):
+        for impl in ("select", "cpu", "pallas"):
             if impl in row:
                 if "relu" in row:
                     row[f"{impl}/relu"] = row[impl] / row["relu"]
@@ -156,9 +160,12 @@ _COLUMNS = (
     ("relu", "ReLU ms"),
     ("topk", "top_k ms"),
     ("select", "select ms"),
+    ("cpu", "cpu ms"),
     ("pallas", "pallas ms"),
     ("select/relu", "select/ReLU"),
     ("topk/select", "top_k/select"),
+    ("cpu/relu", "cpu/ReLU"),
+    ("topk/cpu", "top_k/cpu"),
     ("pallas/relu", "pallas/ReLU"),
     ("topk/pallas", "top_k/pallas"),
 )
@@ -215,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--impls",
         nargs="+",
         default=None,
-        help="subset of relu topk select pallas (default: all the backend compiles)",
+        help="subset of relu topk select cpu pallas (default: all the backend compiles)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per entry")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke)")
@@ -230,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in args.ratios:
         if not 0 < r <= 1:
             parser.error(f"--ratios must be in (0, 1]; got {r}")
-    known = {"relu", "topk", "select", "pallas"}
+    known = {"relu", "topk", "select", "cpu", "pallas"}
     if args.impls is not None and not set(args.impls) <= known:
         parser.error(f"--impls must be among {sorted(known)}; got {args.impls}")
 
