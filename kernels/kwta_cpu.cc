@@ -167,15 +167,15 @@ K KwtaRow(const K* __restrict x, K* __restrict y, int64_t n, int64_t k) {
     KeysOf<K, kInfBits, kAbs>(xs, m, keys);
     // Elements of bucket b are provisionally kept; the fix-up below settles them.
     for (int64_t i = 0; i < m; ++i) ys[i] = K(xs[i] & K(K(0) - K(keys[i] >= bucket_lo)));
-    // Branch-free compaction (always store, advance on a hit): a few % of random hits
-    // would otherwise mispredict often enough to dominate the pass.
+    // Branch-free compaction of the positions (always store, advance on a hit): a few %
+    // of random hits would otherwise mispredict often enough to dominate the pass. Only the
+    // position is stored (one store per element); the keys are re-read below.
     for (int64_t i = 0; i < m; ++i) {
-      const K key = keys[i];
       index[c] = uint32_t(start + i);
-      bucket_keys[c] = key;
-      c += K(key - bucket_lo) <= K(bucket_hi - bucket_lo);
+      c += K(keys[i] - bucket_lo) <= K(bucket_hi - bucket_lo);
     }
   }
+  for (int64_t i = 0; i < c; ++i) bucket_keys[i] = RankKey<K, kInfBits, kAbs>(x[index[i]]);
 
   K threshold;
   if (above + c == k) {

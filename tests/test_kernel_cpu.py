@@ -251,3 +251,15 @@ def test_compile_error_names_command_and_output(tmp_path, monkeypatch):
     with pytest.raises(CpuKernelUnavailable, match="(?s)command: c\\+\\+ .*-fno-such-option"):
         build_library(directory=tmp_path)
     assert list(tmp_path.iterdir()) == []  # the failed temp file is removed
+
+
+def test_cache_key_covers_extra_flags_and_source(tmp_path, monkeypatch):
+    base = kwta_cpu.library_path(directory=tmp_path)
+    monkeypatch.setenv("KWTA_JAX_CXXFLAGS", "-march=native")
+    native = kwta_cpu.library_path(directory=tmp_path)
+    assert native != base and native.parent == base.parent == tmp_path
+    monkeypatch.delenv("KWTA_JAX_CXXFLAGS")
+    source = tmp_path / "kwta_cpu.cc"
+    source.write_bytes(kwta_cpu.SOURCE.read_bytes() + b"\n// edited\n")
+    monkeypatch.setattr(kwta_cpu, "SOURCE", source)
+    assert kwta_cpu.library_path(directory=tmp_path) not in (base, native)
