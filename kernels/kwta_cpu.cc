@@ -10,8 +10,8 @@
 //   pass 1  histogram of the top kTopBits bits of every key; the bucket b holding the k-th
 //           largest key is found by scanning the histogram from the top.
 //   pass 2  every element above bucket b is a winner and every element below a loser, so y is
-//           written right away (x or 0, decided with one compare); the few elements inside
-//           bucket b (a few % of a row on smooth data) are gathered with their index.
+//           written right away (x or 0, decided with one compare); the positions of the few
+//           elements inside bucket b (a few % of a row on smooth data) are gathered.
 //   select  the threshold is the (k - count above b)-th largest gathered key: further
 //           histogram levels on the gathered keys while they are many, then nth_element.
 //   fix-up  y is rewritten at the gathered indices with the exact threshold.
@@ -38,6 +38,10 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -72,6 +76,48 @@ inline K RankKey(K bits) {
 template <typename K, K kInfBits, bool kAbs>
 inline void KeysOf(const K* __restrict x, int64_t m, K* __restrict keys) {
   for (int64_t i = 0; i < m; ++i) keys[i] = RankKey<K, kInfBits, kAbs>(x[i]);
+}
+
+// Appends start + i for every i < m with hit[i] != 0 (hit is 0 or 0xff) to index[c...]; returns
+// the new count. Writes up to 16 entries past the returned count. Branch-free: a few % of hits
+// at random positions would make a branch mispredict often enough to dominate the pass.
+inline int64_t CompactHits(const uint8_t* hit, int64_t m, uint32_t start, uint32_t* index,
+                           int64_t c) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  // 16 hit bytes -> a 16-bit mask; each nibble selects a row of lane offsets (a table of
+  // 16 x 4 positions) that is stored whole, and the count advances by the nibble's popcount.
+  struct Lut {
+    alignas(16) uint32_t offset[16][4];
+    uint8_t count[16];
+    constexpr Lut() : offset(), count() {
+      for (int mask = 0; mask < 16; ++mask) {
+        int n = 0;
+        for (int lane = 0; lane < 4; ++lane) {
+          if (mask & (1 << lane)) offset[mask][n++] = uint32_t(lane);
+        }
+        count[mask] = uint8_t(n);
+      }
+    }
+  };
+  static constexpr Lut kLut;
+  for (; i + 16 <= m; i += 16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(hit + i));
+    uint32_t mask = uint32_t(_mm_movemask_epi8(h));
+    for (int q = 0; q < 4; ++q, mask >>= 4) {
+      const uint32_t nib = mask & 15u;
+      const __m128i base = _mm_set1_epi32(int(start + uint32_t(i) + 4u * uint32_t(q)));
+      const __m128i lanes = _mm_load_si128(reinterpret_cast<const __m128i*>(kLut.offset[nib]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(index + c), _mm_add_epi32(base, lanes));
+      c += kLut.count[nib];
+    }
+  }
+#endif
+  for (; i < m; ++i) {
+    index[c] = start + uint32_t(i);
+    c += hit[i] != 0;
+  }
+  return c;
 }
 
 // Per-thread scratch, reused across calls (grows to the longest row seen).
@@ -152,11 +198,12 @@ K KwtaRow(const K* __restrict x, K* __restrict y, int64_t n, int64_t k) {
   // Pass 2: final y outside bucket b, gather the bucket.
   Scratch<K>& s = ThreadScratch<K>();
   const int64_t in_bucket = int64_t(hist[0][b]) + hist[1][b];
-  if (int64_t(s.index.size()) < in_bucket + 1) {  // +1: the compaction stores one past
-    s.index.resize(in_bucket + 1);
-    s.keys.resize(in_bucket + 1);
-    s.work.resize(in_bucket + 1);
+  if (int64_t(s.index.size()) < in_bucket + 16) {  // CompactHits stores up to 16 past the end
+    s.index.resize(in_bucket + 16);
+    s.keys.resize(in_bucket);
+    s.work.resize(in_bucket);
   }
+  alignas(64) uint8_t hit[kBlock];
   uint32_t* __restrict index = s.index.data();
   K* __restrict bucket_keys = s.keys.data();
   int64_t c = 0;
@@ -167,13 +214,11 @@ K KwtaRow(const K* __restrict x, K* __restrict y, int64_t n, int64_t k) {
     KeysOf<K, kInfBits, kAbs>(xs, m, keys);
     // Elements of bucket b are provisionally kept; the fix-up below settles them.
     for (int64_t i = 0; i < m; ++i) ys[i] = K(xs[i] & K(K(0) - K(keys[i] >= bucket_lo)));
-    // Branch-free compaction of the positions (always store, advance on a hit): a few %
-    // of random hits would otherwise mispredict often enough to dominate the pass. Only the
-    // position is stored (one store per element); the keys are re-read below.
+    // Hits (0xff) in a byte array by a vectorised loop, then compacted to positions.
     for (int64_t i = 0; i < m; ++i) {
-      index[c] = uint32_t(start + i);
-      c += K(keys[i] - bucket_lo) <= K(bucket_hi - bucket_lo);
+      hit[i] = uint8_t(0 - uint8_t(K(keys[i] - bucket_lo) <= K(bucket_hi - bucket_lo)));
     }
+    c = CompactHits(hit, m, uint32_t(start), index, c);
   }
   for (int64_t i = 0; i < c; ++i) bucket_keys[i] = RankKey<K, kInfBits, kAbs>(x[index[i]]);
 
