@@ -129,7 +129,10 @@ def resolve_impl(impl: str) -> str:
         # Other backends: "select"; the Pallas kernel lowers for GPU/TPU but has not been
         # run on that hardware yet (docs/benchmarks.md), so it is opt-in (impl="pallas")
         # until it is measured bit-exact and faster there.
-        if jax.default_backend() == "cpu" and cpu_kernel_available():
+        # With several CPU devices (data parallelism) "select" again: XLA partitions it along
+        # the sharded batch, but gathers the whole batch onto every device for an FFI call.
+        single_cpu = jax.default_backend() == "cpu" and jax.local_device_count() == 1
+        if single_cpu and cpu_kernel_available():
             return "cpu"
         return "select"
     if impl not in IMPLEMENTATIONS:

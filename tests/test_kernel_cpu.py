@@ -160,6 +160,12 @@ def test_auto_picks_the_kernel_on_cpu():
     assert resolve_impl("auto") == "cpu"
 
 
+def test_auto_keeps_select_for_several_cpu_devices(monkeypatch):
+    # Data parallelism: XLA would gather the sharded batch onto every device for the FFI call.
+    monkeypatch.setattr(jax, "local_device_count", lambda *a, **k: 2)
+    assert resolve_impl("auto") == "select"
+
+
 def test_jit_and_vmap_equal_stacked():
     rng = np.random.default_rng(5)
     xs = jnp.asarray(rng.normal(size=(3, 4, 6, 5)), jnp.float32)
