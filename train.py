@@ -219,11 +219,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="test examples the experiment attacks",
     )
     args = parser.parse_args(argv)  # fmt: skip
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
     if args.list_experiments or args.experiment is not None:
         return _check_experiment_args(parser, args, argv)
 
-    if args.resume and args.overwrite:
-        parser.error("--resume and --overwrite exclude each other")
     if len(set(args.act)) != len(args.act):
         parser.error(f"--act names an activation twice: {args.act}")
     if args.anneal is not None and args.ratio is not None and args.ratio != args.anneal[1]:
@@ -299,19 +299,6 @@ def _check_experiment_args(parser, args, argv) -> argparse.Namespace:
     return args
 
 
-def _list_experiments() -> str:
-    lines = []
-    for name, e in EXPERIMENTS.items():
-        c = e.config
-        lines.append(f"{name}  {e.description}")
-        fgsm = ", ".join(f"{x:g}" for x in e.fgsm_eps)
-        lines.append(
-            f"        {c.dataset}, {c.model}, {' vs '.join(e.acts)}, ratio {c.ratio:g}, "
-            f"{c.epochs} epochs; FGSM eps {fgsm}"
-        )
-    return "\n".join(lines)
-
-
 def run_experiments(args) -> int:
     from kwta_jax import experiments
 
@@ -332,7 +319,9 @@ def run_experiments(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list_experiments:
-        print(_list_experiments())
+        from kwta_jax.experiments import describe_experiments
+
+        print(describe_experiments())
         return 0
     if args.experiment is not None:
         if args.distributed:

@@ -34,6 +34,7 @@ __all__ = [
     "EXPERIMENTS",
     "Experiment",
     "build_report",
+    "describe_experiments",
     "format_report",
     "get_experiment",
     "plot_report",
@@ -165,6 +166,20 @@ def get_experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r} (choose from {', '.join(EXPERIMENTS)}).")
     return EXPERIMENTS[name]
+
+
+def describe_experiments() -> str:
+    """One entry per preset: name, description, and the settings that define it."""
+    lines = []
+    for name, e in EXPERIMENTS.items():
+        c = e.config
+        fgsm = ", ".join(f"{x:g}" for x in e.fgsm_eps)
+        lines.append(f"{name}  {e.description}")
+        lines.append(
+            f"        {c.dataset}, {c.model}, {' vs '.join(e.acts)}, ratio {c.ratio:g}, "
+            f"{c.epochs} epochs; FGSM eps {fgsm}"
+        )
+    return "\n".join(lines)
 
 
 def _eps_key(eps: float) -> str:
