@@ -271,17 +271,14 @@ def _check_experiment_args(parser, args, argv) -> argparse.Namespace:
         return args
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     overrides = {k: getattr(args, k) for k in EXPERIMENT_OVERRIDES if k in explicit}
-    if "out" not in explicit:
-        args.out = "runs/experiments"
+    # One sub-directory per preset, unless a single preset gets an explicit --out.
+    one_dir = args.experiment != "all" and "out" in explicit
+    root = args.out if "out" in explicit else "runs/experiments"
     args.experiments, args.unavailable = [], {}
     try:
         for name in names:
             experiment = get_experiment(name).with_overrides(**overrides)
-            out = (
-                f"{args.out}/{name}"
-                if args.experiment == "all" or "out" not in explicit
-                else args.out
-            )
+            out = root if one_dir else f"{root}/{name}"
             for act in experiment.acts:
                 cfg = TrainConfig(**{**experiment.config.__dict__, "act": act})
                 cfg.resolved().validate()
