@@ -1,28 +1,36 @@
-"""Fused k-WTA Pallas kernel: exact per-row threshold by bit bisection, then the mask.
+"""Fused k-WTA Pallas kernel: exact per-row threshold by radix search, then the mask.
 
 Layout follows `jax.experimental.pallas.ops`: `kwta_reference` (plain JAX), the kernel
 (`_kwta_kernel`, launched by `kwta_rows_pallas`), and `kwta_pallas`, a `jax.custom_vjp`
-wrapper (``pallas_call`` has no transpose rule), side by side.
+wrapper (``pallas_call`` has no transpose rule), side by side. `kwta_rows_pallas` itself carries
+a `jax.custom_jvp`, so the op can be differentiated any number of times (``jax.hessian``).
 
 Algorithm (one launch, no sort). Each program instance owns ``block_rows`` rows and
 1. maps floats to order-preserving integer keys (the same order as `kwta_jax.keys.rank_keys`:
    ``-0 == +0``, NaNs tie above ``+inf``), computed in float32 for every input dtype (16-bit
    floats widen exactly and monotonically);
-2. finds the exact k-th largest key by bisection over its bits, most significant first: the
-   threshold is the largest ``c`` with ``count(key >= c) >= k``, so bit ``b`` is kept iff
-   ``count(key >= prefix | 2^b) >= k``. Counting walks the row in ``block_cols``-wide tiles
-   (multi-pass), so rows of any length work (a conv group of 32*32*64 floats is 256 KiB,
-   more than a GPU's shared memory). Widened bf16 (f16) keys have 16 (13) constant low bits,
-   so 16 (19) steps suffice instead of 32;
-3. writes ``where(key >= threshold, x, 0)`` tile by tile.
+2. finds the exact k-th largest key by a most-significant-digit-first radix search over its
+   bits, ``radix_bits`` bits per pass: the threshold is the largest ``c`` with
+   ``count(key >= c) >= k``, so a pass counts the keys at or above each of the
+   ``2^radix_bits - 1`` candidates ``prefix | j << low`` and keeps the largest digit ``j``
+   whose count is still ``>= k``. ``radix_bits=1`` is plain bisection (32 passes for float32);
+   larger digits trade compute per pass for fewer passes over the data. Widened bf16 (f16)
+   keys have 16 (13) constant low bits, so 16 (19, rounded up to a multiple of the digit)
+   bits suffice. Counts are int32 (each tile's count is summed exactly in float32, < 2^24,
+   then accumulated in int32), so rows of any length are exact;
+3. writes ``where(key >= threshold, x, 0)``.
 
-Lowering choice (measured with jax 0.10.2): the default GPU lowering (Mosaic GPU) rejects
-``(8, 1024)`` float32 blocks ("Async copies only support <=256 elements per dim") and wants
-the newer ``plgpu.kernel`` API, while the Triton lowering handles this kernel's tiles and the
-in-kernel loops over ``pl.ds`` slices of a row block directly, and also serves ROCm. So GPUs
-use Triton (``jax.experimental.pallas.triton.CompilerParams``) and TPUs use Mosaic; one
-kernel body serves both through `jax.lax.platform_dependent`, and every other backend (CPU)
-runs it in interpret mode (correct, not fast: use ``impl="select"`` there).
+A row that fits one ``block_cols`` tile is loaded once and searched in registers
+(*resident*); a longer row is counted tile by tile in every pass (*streaming*: a conv group of
+32*32*64 floats is 256 KiB, more than a GPU's shared memory).
+
+Lowering (measured with jax 0.10.2; Pallas's Triton backend is deprecated in jax 0.11 but
+still there): the default GPU lowering (Mosaic GPU) rejects ``(8, 1024)`` float32 blocks
+("Async copies only support <=256 elements per dim") and wants the newer ``plgpu.kernel`` API,
+while the Triton lowering handles this kernel's tiles and in-kernel loops over ``pl.ds``
+slices directly, and also serves ROCm. So GPUs use Triton and TPUs use Mosaic; one kernel
+body serves both through `jax.lax.platform_dependent`, and every other backend (CPU) runs it
+in interpret mode (correct, not fast: use ``impl="cpu"`` or ``"select"`` there).
 
 TPU note: a program's block is ``block_rows`` whole rows in VMEM (double-buffered, input and
 output): ``4 * block_rows * n * itemsize`` bytes must fit the scoped VMEM limit (16 MiB by
@@ -32,7 +40,9 @@ global memory and has no such limit.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -40,15 +50,94 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kwta_jax.keys import rank_keys
+from kwta_jax.keys import key_dtype, rank_keys
+from kwta_jax.select import kwta_rows_select
 
-__all__ = ["kwta_pallas", "kwta_reference", "kwta_rows_pallas"]
+try:  # Pallas's Triton backend is deprecated in jax 0.11 and may be removed later.
+    from jax.experimental.pallas import triton as _pltriton
+except ImportError:  # pragma: no cover - depends on the installed jax
+    _pltriton = None
+try:
+    from jax.experimental.pallas import tpu as _pltpu
+except ImportError:  # pragma: no cover - depends on the installed jax
+    _pltpu = None
+
+__all__ = [
+    "KernelConfig",
+    "default_config",
+    "kwta_pallas",
+    "kwta_reference",
+    "kwta_rows_pallas",
+    "triton_available",
+]
 
 _INT_MIN = np.int32(-(2**31))
 _INT_MAX = np.int32(2**31 - 1)
 # Low key bits that are constant for floats widened to float32 (23 - mantissa bits).
 _SKIP_BITS = {np.dtype(np.float32): 0, np.dtype(jnp.bfloat16): 16, np.dtype(np.float16): 13}
+RADIX_BITS = (1, 2, 4)
 DEFAULT_BLOCK_COLS = 1024
+# jax 0.10 names the varying-axes field of an abstract value `manual_axis_type`; older
+# releases called it `vma`. Output structs must carry the input's (inside `jax.shard_map`).
+_SDS_PARAMS = inspect.signature(jax.ShapeDtypeStruct).parameters
+
+
+def triton_available() -> bool:
+    """Whether this jax still ships Pallas's Triton backend (GPU lowering of this kernel)."""
+    return _pltriton is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of the kernel (see the module doc).
+
+    Attributes:
+      block_rows: rows per program (power of two).
+      block_cols: width of a counting tile (power of two); rows up to this long are resident.
+      radix_bits: bits resolved per pass over the row, one of `RADIX_BITS`.
+      num_warps, num_stages: Triton launch parameters (GPU only; ``None``: Triton's default).
+    """
+
+    block_rows: int
+    block_cols: int
+    radix_bits: int = 1
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
+def _pow2_at_least(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _pow2_at_most(v: int) -> int:
+    return 1 << (max(1, int(v)).bit_length() - 1)
+
+
+def default_config(rows: int, n: int, dtype, platform: str) -> KernelConfig:
+    """Launch parameters for ``[rows, n]`` of ``dtype`` on ``platform`` (``"gpu"``, ``"tpu"``
+    or ``"interpret"``).
+
+    GPU (tuned on an H200 with ``python -m kwta_jax.gpu_check``, docs/benchmarks.md): rows up
+    to 4096 keys are resident; programs hold few rows so that a batch of 128 long rows still
+    spreads over every multiprocessor. TPU: one native (8 or 16, 128k) tile of sublanes per
+    program, bisection (lowering verified, not yet measured on hardware).
+    """
+    itemsize = np.dtype(dtype).itemsize
+    if platform == "gpu":
+        width = _pow2_at_least(max(n, 16))
+        if width <= 4096:
+            # Resident: about 4096 keys per program, but at least ~2 programs per SM (H100/H200
+            # have 132 SMs).
+            block_rows = min(
+                _pow2_at_most(max(1, 4096 // width)), _pow2_at_most(max(1, rows // 264))
+            )
+            return KernelConfig(
+                block_rows, width, radix_bits=2, num_warps=4 if width * block_rows <= 1024 else 8
+            )
+        return KernelConfig(1, 2048, radix_bits=2, num_warps=8, num_stages=1)
+    block_rows = 8 if itemsize == 4 else 16
+    width = max(128, _pow2_at_least(n))
+    return KernelConfig(block_rows, min(DEFAULT_BLOCK_COLS, width), radix_bits=1)
 
 
 def kwta_reference(x2d: jax.Array, k: int, use_abs: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -84,7 +173,19 @@ def _signed_keys(x: jax.Array, use_abs: bool) -> jax.Array:
     return jnp.where(is_nan, _INT_MAX, keys)
 
 
-def _kwta_kernel(x_ref, y_ref, th_ref, *, k, n, use_abs, block_cols, skip_bits):
+def _tile_counts(keys: jax.Array, cands: list[jax.Array]) -> list[jax.Array]:
+    """``count(keys >= c)`` per row for each ``c: [block_rows, 1]``, as int32.
+
+    A tile has fewer than 2^24 keys, so its float32 sum is exact (not every backend lowers
+    integer reductions); tiles are accumulated in int32 by the caller.
+    """
+    return [
+        jnp.sum((keys >= c).astype(jnp.float32), axis=1, keepdims=True).astype(jnp.int32)
+        for c in cands
+    ]
+
+
+def _kwta_kernel(x_ref, y_ref, th_ref, *, k, n, use_abs, block_cols, radix_bits, passes):
     """One program: ``x_ref, y_ref: [block_rows, n_pad]``, ``th_ref: [block_rows, 1]`` int32.
 
     ``th_ref`` receives the threshold as an *unsigned* key bit pattern (int32 storage) of the
@@ -93,32 +194,48 @@ def _kwta_kernel(x_ref, y_ref, th_ref, *, k, n, use_abs, block_cols, skip_bits):
     block_rows, n_pad = x_ref.shape
     num_tiles = n_pad // block_cols
     col = lax.broadcasted_iota(jnp.int32, (block_rows, block_cols), 1)
+    digits = range(1, 1 << radix_bits)
 
-    def tile(j):
-        start = pl.multiple_of(j * block_cols, block_cols)
-        return start, x_ref[:, pl.ds(start, block_cols)]
+    def tile_keys(xt, start):
+        # Padding columns get the signed key INT_MIN (unsigned 0): below every candidate
+        # (candidates are >= 1), so they are never counted.
+        return jnp.where(col + start < n, _signed_keys(xt, use_abs), _INT_MIN)
 
-    def count_ge(cand_signed):
-        def body(j, acc):
-            start, xt = tile(j)
-            hit = (_signed_keys(xt, use_abs) >= cand_signed) & (col + start < n)
-            # float32 counts: int reductions are not lowered by every backend; exact < 2^24.
-            return acc + jnp.sum(hit.astype(jnp.float32), axis=1, keepdims=True)
+    if num_tiles == 1:  # resident: one load, every pass in registers
+        x_all = x_ref[...]
+        keys_all = tile_keys(x_all, 0)
 
-        return lax.fori_loop(0, num_tiles, body, jnp.zeros((block_rows, 1), jnp.float32))
+        def count(cands):
+            return _tile_counts(keys_all, cands)
+    else:
 
-    def bisect(i, prefix):
-        bit = lax.shift_left(jnp.int32(1), jnp.int32(31) - i)
-        cand = prefix | bit  # unsigned key bit pattern
-        keep = count_ge(cand ^ _INT_MIN) >= np.float32(k)
-        return jnp.where(keep, cand, prefix)
+        def count(cands):
+            def body(j, acc):
+                start = pl.multiple_of(j * block_cols, block_cols)
+                keys = tile_keys(x_ref[:, pl.ds(start, block_cols)], start)
+                return tuple(a + c for a, c in zip(acc, _tile_counts(keys, cands), strict=True))
 
-    prefix = lax.fori_loop(0, 32 - skip_bits, bisect, jnp.zeros((block_rows, 1), jnp.int32))
+            zeros = tuple(jnp.zeros((block_rows, 1), jnp.int32) for _ in digits)
+            return lax.fori_loop(0, num_tiles, body, zeros)
+
+    def search_pass(i, prefix):
+        low = jnp.int32(32 - radix_bits) - i * radix_bits  # lowest bit of this pass's digit
+        cands = [(prefix | lax.shift_left(jnp.int32(d), low)) ^ _INT_MIN for d in digits]
+        # count(key >= c) is non-increasing in c: the digit is how many candidates keep >= k.
+        digit = sum((c >= k).astype(jnp.int32) for c in count(cands))
+        return prefix | lax.shift_left(digit, low)
+
+    prefix = lax.fori_loop(0, passes, search_pass, jnp.zeros((block_rows, 1), jnp.int32))
     th_ref[...] = prefix
     threshold_signed = prefix ^ _INT_MIN
 
+    if num_tiles == 1:
+        y_ref[...] = jnp.where(keys_all >= threshold_signed, x_all, jnp.zeros((), x_all.dtype))
+        return
+
     def apply(j, carry):
-        start, xt = tile(j)
+        start = pl.multiple_of(j * block_cols, block_cols)
+        xt = x_ref[:, pl.ds(start, block_cols)]
         keep = _signed_keys(xt, use_abs) >= threshold_signed
         y_ref[:, pl.ds(start, block_cols)] = jnp.where(keep, xt, jnp.zeros((), xt.dtype))
         return carry
@@ -140,16 +257,131 @@ def _threshold_to_key(th_bits: jax.Array, dtype, skip_bits: int) -> jax.Array:
     return rank_keys(value)
 
 
+def _struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+    """`jax.ShapeDtypeStruct` varying over the same `jax.shard_map` axes as ``like``."""
+    aval = jax.typeof(like)
+    for field in ("manual_axis_type", "vma"):
+        if field in _SDS_PARAMS and hasattr(aval, field):
+            return jax.ShapeDtypeStruct(shape, dtype, **{field: getattr(aval, field)})
+    return jax.ShapeDtypeStruct(shape, dtype)  # pragma: no cover - older jax
+
+
+def _check_config(config: KernelConfig, dtype) -> None:
+    for name in ("block_rows", "block_cols"):
+        v = getattr(config, name)
+        if not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"kwta_rows_pallas: {name} must be a power of two >= 1; got {v!r}.")
+    if config.radix_bits not in RADIX_BITS:
+        raise ValueError(
+            f"kwta_rows_pallas: radix_bits must be one of {RADIX_BITS}; got {config.radix_bits!r}."
+        )
+
+
+def _launch(x2d, k, use_abs, config: KernelConfig, skip_bits, compiler_params, interpret):
+    """Pads ``x2d`` to whole blocks, runs the kernel, returns ``(y [rows, n], th_bits [rows])``."""
+    rows, n = x2d.shape
+    dtype = x2d.dtype
+    block_rows, block_cols = config.block_rows, config.block_cols
+    rows_pad = -(-rows // block_rows) * block_rows
+    n_pad = -(-n // block_cols) * block_cols
+    xp = x2d
+    if (rows_pad, n_pad) != (rows, n):
+        # Padded columns are masked out of the counts; padded rows are discarded.
+        xp = jnp.pad(x2d, ((0, rows_pad - rows), (0, n_pad - n)))
+    nbits = 32 - skip_bits
+    passes = -(-nbits // config.radix_bits)  # the last digit may reach into constant bits
+    kernel = functools.partial(
+        _kwta_kernel, k=k, n=n, use_abs=use_abs, block_cols=block_cols,
+        radix_bits=config.radix_bits, passes=passes,
+    )  # fmt: skip
+    y, th = pl.pallas_call(
+        kernel,
+        out_shape=(_struct((rows_pad, n_pad), dtype, xp), _struct((rows_pad, 1), jnp.int32, xp)),
+        grid=(rows_pad // block_rows,),
+        in_specs=[pl.BlockSpec((block_rows, n_pad), lambda i: (i, 0))],
+        out_specs=(
+            pl.BlockSpec((block_rows, n_pad), lambda i: (i, 0)),
+            pl.BlockSpec((block_rows, 1), lambda i: (i, 0)),
+        ),
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name="kwta",
+    )(xp)
+    return y[:rows, :n], th[:rows, 0]
+
+
+def _platform_configs(rows, n, dtype, overrides: dict) -> dict[str, KernelConfig]:
+    """Per-platform `KernelConfig` with the caller's explicit settings applied."""
+    out = {}
+    for platform in ("gpu", "tpu", "interpret"):
+        config = dataclasses.replace(default_config(rows, n, dtype, platform), **overrides)
+        _check_config(config, dtype)
+        out[platform] = config
+    return out
+
+
 @functools.partial(
-    jax.jit, static_argnames=("k", "use_abs", "block_rows", "block_cols", "interpret")
-)
+    jax.jit,
+    static_argnames=(
+        "k", "use_abs", "block_rows", "block_cols", "radix_bits", "num_warps", "num_stages",
+        "interpret",
+    ),
+)  # fmt: skip
+def _kwta_rows_pallas_impl(
+    x2d, k, use_abs, *, block_rows, block_cols, radix_bits, num_warps, num_stages, interpret
+):
+    rows, n = x2d.shape
+    dtype = np.dtype(x2d.dtype)
+    if rows == 0:
+        return x2d, jnp.zeros((0,), key_dtype(dtype))
+    skip_bits = _SKIP_BITS[dtype]
+    overrides = {
+        name: value
+        for name, value in (
+            ("block_rows", block_rows), ("block_cols", block_cols), ("radix_bits", radix_bits),
+            ("num_warps", num_warps), ("num_stages", num_stages),
+        )
+        if value is not None
+    }  # fmt: skip
+    configs = _platform_configs(rows, n, dtype, overrides)
+    launch = functools.partial(_launch, x2d, k, use_abs, skip_bits=skip_bits)
+    if interpret:
+        y, th = launch(configs["interpret"], compiler_params=None, interpret=True)
+    else:
+
+        def gpu(_):
+            if _pltriton is None:  # pragma: no cover - jax without Pallas Triton
+                raise NotImplementedError(
+                    "kwta_rows_pallas: this jax has no Pallas Triton backend; use impl='select'."
+                )
+            c = configs["gpu"]
+            params = _pltriton.CompilerParams(num_warps=c.num_warps, num_stages=c.num_stages)
+            return launch(c, compiler_params=params, interpret=False)
+
+        def tpu(_):
+            params = _pltpu.CompilerParams(dimension_semantics=("parallel",))
+            return launch(configs["tpu"], compiler_params=params, interpret=False)
+
+        y, th = lax.platform_dependent(
+            x2d,
+            tpu=tpu,
+            cuda=gpu,
+            rocm=gpu,
+            default=lambda _: launch(configs["interpret"], compiler_params=None, interpret=True),
+        )
+    return y, _threshold_to_key(th, dtype, skip_bits)
+
+
 def kwta_rows_pallas(
     x2d: jax.Array,
     k: int,
     use_abs: bool = False,
     *,
     block_rows: int | None = None,
-    block_cols: int = DEFAULT_BLOCK_COLS,
+    block_cols: int | None = None,
+    radix_bits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact k-WTA rows with the fused Pallas kernel (row implementation ``"pallas"``).
@@ -160,87 +392,54 @@ def kwta_rows_pallas(
         32-bit).
       k: winners per row, ``1 <= k <= n``.
       use_abs: rank by ``|x|``.
-      block_rows: rows per program (default 8 for 32-bit, 16 for 16-bit dtypes: one native
-        TPU tile of sublanes).
-      block_cols: width of a counting tile (power of two, multiple of 128); rows longer than
-        this are counted in several passes.
+      block_rows, block_cols, radix_bits, num_warps, num_stages: override the fields of the
+        platform's `default_config` (see `KernelConfig`); ``None`` keeps the default.
       interpret: force interpret mode (default: interpret exactly when the platform has no
         Pallas lowering, i.e. CPU).
 
     Returns:
       ``(y2d [rows, n] same dtype, threshold_key [rows])``, bit-identical to `kwta_reference`.
+      Differentiable (forward and reverse, any order): the derivative is ``t * mask``.
 
     Raises:
-      TypeError: non-floating ``x2d``. ValueError: bad ``k`` or block sizes.
+      TypeError: non-floating ``x2d``. ValueError: bad ``k`` or launch parameters.
     """
+    x2d = jnp.asarray(x2d)
     if x2d.ndim != 2:
         raise ValueError(f"kwta_rows_pallas: x2d must be [rows, n]; got shape {x2d.shape}.")
     dtype = np.dtype(x2d.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"kwta_rows_pallas: x2d must be floating; got {dtype}.")
-    rows, n = x2d.shape
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+    n = x2d.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n:
         raise ValueError(f"kwta_rows_pallas: k must be an int in [1, n={n}]; got {k!r}.")
-    if block_cols < 128 or block_cols & (block_cols - 1):
-        raise ValueError(
-            f"kwta_rows_pallas: block_cols must be a power of two >= 128; got {block_cols}."
-        )
-    if dtype == np.float64:
-        from kwta_jax.select import kwta_rows_select  # keys are 64-bit: no kernel path
+    if dtype == np.float64:  # keys are 64-bit: no kernel path
+        return kwta_rows_select(x2d, int(k), use_abs)
+    launch = dict(
+        block_rows=block_rows, block_cols=block_cols, radix_bits=radix_bits,
+        num_warps=num_warps, num_stages=num_stages, interpret=bool(interpret),
+    )  # fmt: skip
+    # Validate explicit settings eagerly (trace time), with the argument's name.
+    overrides = {a: v for a, v in launch.items() if a != "interpret" and v is not None}
+    _platform_configs(x2d.shape[0], n, dtype, overrides)
+    return _kwta_rows_pallas_diff(x2d, int(k), bool(use_abs), tuple(sorted(launch.items())))
 
-        return kwta_rows_select(x2d, k, use_abs)
-    skip_bits = _SKIP_BITS[dtype]
-    if block_rows is None:
-        block_rows = 8 if dtype.itemsize == 4 else 16
-    if block_rows < 1:
-        raise ValueError(f"kwta_rows_pallas: block_rows must be >= 1; got {block_rows}.")
-    # Never wider than the (padded) row, so short rows are not padded to a full tile.
-    block_cols = min(block_cols, max(128, 1 << (n - 1).bit_length()))
-    rows_pad = -(-rows // block_rows) * block_rows
-    n_pad = -(-n // block_cols) * block_cols
-    xp = x2d
-    if (rows_pad, n_pad) != (rows, n):
-        # Padded columns are masked out of the counts; padded rows are discarded.
-        xp = jnp.pad(x2d, ((0, rows_pad - rows), (0, n_pad - n)))
 
-    kernel = functools.partial(
-        _kwta_kernel, k=k, n=n, use_abs=use_abs, block_cols=block_cols, skip_bits=skip_bits
-    )
+# The raw pallas_call has no JVP rule: kwta's own custom_jvp evaluates the row implementation
+# on JVP tracers when it is differentiated twice (jvp of grad, jax.hessian), and needs this.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _kwta_rows_pallas_diff(x2d, k, use_abs, launch):
+    return _kwta_rows_pallas_impl(x2d, k, use_abs, **dict(launch))
 
-    def call(compiler_params=None, interpret_mode=False):
-        return pl.pallas_call(
-            kernel,
-            out_shape=(
-                jax.ShapeDtypeStruct((rows_pad, n_pad), dtype),
-                jax.ShapeDtypeStruct((rows_pad, 1), jnp.int32),
-            ),
-            grid=(rows_pad // block_rows,),
-            in_specs=[pl.BlockSpec((block_rows, n_pad), lambda i: (i, 0))],
-            out_specs=(
-                pl.BlockSpec((block_rows, n_pad), lambda i: (i, 0)),
-                pl.BlockSpec((block_rows, 1), lambda i: (i, 0)),
-            ),
-            compiler_params=compiler_params,
-            interpret=interpret_mode,
-            name="kwta",
-        )(xp)
 
-    if interpret:
-        y, th = call(interpret_mode=True)
-    else:
-        from jax.experimental.pallas import tpu as pltpu
-        from jax.experimental.pallas import triton as pltriton
-
-        y, th = lax.platform_dependent(
-            xp,
-            tpu=lambda _: call(pltpu.CompilerParams(dimension_semantics=("parallel",))),
-            cuda=lambda _: call(pltriton.CompilerParams(num_warps=4, num_stages=1)),
-            rocm=lambda _: call(pltriton.CompilerParams(num_warps=4, num_stages=1)),
-            default=lambda _: call(interpret_mode=True),
-        )
-    y = y[:rows, :n]
-    threshold_key = _threshold_to_key(th[:rows, 0], dtype, skip_bits)
-    return y, threshold_key
+@_kwta_rows_pallas_diff.defjvp
+def _kwta_rows_pallas_diff_jvp(k, use_abs, launch, primals, tangents):
+    (x2d,), (t2d,) = primals, tangents
+    y2d, threshold_key = _kwta_rows_pallas_diff(x2d, k, use_abs, launch)
+    mask = rank_keys(x2d, use_abs) >= threshold_key[:, None]
+    dy = jnp.where(mask, t2d, jnp.zeros((), t2d.dtype))
+    # The threshold key is an integer: its tangent is float0 (piecewise constant in x).
+    return (y2d, threshold_key), (dy, np.zeros(threshold_key.shape, jax.dtypes.float0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))

@@ -38,7 +38,7 @@ from jax import lax
 
 from kwta_jax.keys import key_dtype, rank_keys
 
-__all__ = ["kwta_rows_select", "select_threshold_keys"]
+__all__ = ["default_unrolled_passes", "kwta_rows_select", "select_threshold_keys"]
 
 # Candidate keys per refinement pass, evenly spread over +-_SPREAD standard deviations of the
 # estimated position; the last one becomes the key-space midpoint for rows whose previous pass
@@ -52,6 +52,9 @@ _FIRST_CANDIDATES = 7
 _FIRST_SPREAD = 3.0
 # Largest sample per row for the first pass (sorted).
 _SAMPLE = 512
+# Refinement passes before the data-dependent loop, per backend: on XLA:CPU a loop iteration
+# is cheap, on GPU each one waits for the device (docs/benchmarks.md).
+_UNROLLED_PASSES = {"cpu": 0, "gpu": 0, "cuda": 0, "rocm": 0}
 
 
 def _pass_stats(x2d: jax.Array, cands: jax.Array, use_abs: bool, extremes: bool = False):
@@ -192,7 +195,12 @@ def _sample_candidates(x2d, k, use_abs, num):
 
 
 def select_threshold_keys(
-    x2d: jax.Array, k: int, use_abs: bool = False, *, return_passes: bool = False
+    x2d: jax.Array,
+    k: int,
+    use_abs: bool = False,
+    *,
+    return_passes: bool = False,
+    unrolled_passes: int = 0,
 ):
     """Exact k-th largest rank key of every row, by interpolation search on counts.
 
@@ -201,6 +209,9 @@ def select_threshold_keys(
       k: ``1 <= k <= n``.
       use_abs: rank by ``|x|``.
       return_passes: also return the number of refinement passes (for tuning and tests).
+      unrolled_passes: refinement passes to run unconditionally before the data-dependent
+        loop (each finished row just re-probes its threshold). On GPU a loop iteration costs a
+        device-to-host synchronisation; a fixed pass costs only its read of ``x2d``.
 
     Returns:
       ``threshold_key [rows]`` (key dtype of ``x2d``), equal to
@@ -232,25 +243,43 @@ def select_threshold_keys(
         slow = (new[1] - new[0]) > (hi - lo) // 2
         return new, slow, passes + 1
 
-    slow = jnp.zeros((rows,), bool)
-    (lo, _, _, _), _, passes = lax.while_loop(cond, body, (state, slow, jnp.int32(1)))
+    # All-False, derived from `lo` so that it varies over the same `jax.shard_map` axes as the
+    # rest of the carry (a fresh constant would not, and while_loop rejects the mismatch).
+    slow = state[0] != state[0]
+    carry = (state, slow, jnp.int32(1))
+    for _ in range(unrolled_passes):
+        # Fixed passes ahead of the loop: no data-dependent loop condition for them, which on
+        # GPU means no device-to-host synchronisation per pass.
+        carry = body(carry)
+    (lo, _, _, _), _, passes = lax.while_loop(cond, body, carry)
     if return_passes:
         return lo, passes
     return lo
 
 
-def kwta_rows_select(x2d: jax.Array, k: int, use_abs: bool) -> tuple[jax.Array, jax.Array]:
+def default_unrolled_passes(backend: str) -> int:
+    """Refinement passes run before the loop on ``backend`` (see `select_threshold_keys`)."""
+    return _UNROLLED_PASSES.get(backend, 0)
+
+
+def kwta_rows_select(
+    x2d: jax.Array, k: int, use_abs: bool, *, unrolled_passes: int | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Row implementation ``"select"``: exact k-WTA rows via `select_threshold_keys`.
 
     Args:
       x2d: ``[rows, n]`` floating array.
       k: number of winners per row, ``1 <= k <= n``.
       use_abs: rank by ``|x|``.
+      unrolled_passes: see `select_threshold_keys` (default: `default_unrolled_passes` of the
+        default backend).
 
     Returns:
       ``(y2d [rows, n] same dtype, threshold_key [rows] unsigned)``, bit-identical to
       `kwta_jax.ops.kwta_rows_topk`.
     """
-    threshold_key = select_threshold_keys(x2d, k, use_abs)
+    if unrolled_passes is None:
+        unrolled_passes = default_unrolled_passes(jax.default_backend())
+    threshold_key = select_threshold_keys(x2d, k, use_abs, unrolled_passes=unrolled_passes)
     mask = rank_keys(x2d, use_abs) >= threshold_key[:, None]
     return jnp.where(mask, x2d, jnp.zeros((), x2d.dtype)), threshold_key
