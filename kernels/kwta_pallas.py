@@ -96,6 +96,9 @@ class KernelConfig:
       block_cols: width of a counting tile (power of two); rows up to this long are resident.
       radix_bits: bits resolved per pass over the row, one of `RADIX_BITS`.
       num_warps, num_stages: Triton launch parameters (GPU only; ``None``: Triton's default).
+      split: one launch per pass over a ``(rows, n / block_cols)`` grid, the counts summed
+        by XLA between launches, and the mask applied by XLA (*split* mode; GPU and interpret
+        mode only), instead of one launch in which each program owns whole rows.
     """
 
     block_rows: int
@@ -103,6 +106,7 @@ class KernelConfig:
     radix_bits: int = 1
     num_warps: int | None = None
     num_stages: int | None = None
+    split: bool = False
 
 
 def _pow2_at_least(v: int) -> int:
@@ -134,7 +138,7 @@ def default_config(rows: int, n: int, dtype, platform: str) -> KernelConfig:
             return KernelConfig(
                 block_rows, width, radix_bits=2, num_warps=4 if width * block_rows <= 1024 else 8
             )
-        return KernelConfig(1, 2048, radix_bits=2, num_warps=8, num_stages=1)
+        return KernelConfig(1, 4096, radix_bits=4, num_warps=8, split=True)
     block_rows = 8 if itemsize == 4 else 16
     width = max(128, _pow2_at_least(n))
     return KernelConfig(block_rows, min(DEFAULT_BLOCK_COLS, width), radix_bits=1)
@@ -243,6 +247,78 @@ def _kwta_kernel(x_ref, y_ref, th_ref, *, k, n, use_abs, block_cols, radix_bits,
     lax.fori_loop(0, num_tiles, apply, 0)
 
 
+def _count_kernel(x_ref, prefix_ref, step_ref, cnt_ref, *, n, use_abs, radix_bits):
+    """Split mode, one program: counts of one ``[block_rows, block_cols]`` tile of a row.
+
+    ``prefix_ref, step_ref: [block_rows, 1]`` int32: the threshold's bits found so far and
+    ``1 << low`` of this pass; ``cnt_ref: [block_rows, 2^radix_bits]`` int32 receives
+    ``count(key >= prefix | d * step)`` in column ``d`` (column 0 unused).
+    """
+    block_rows, block_cols = x_ref.shape
+    start = pl.program_id(1) * block_cols
+    col = lax.broadcasted_iota(jnp.int32, (block_rows, block_cols), 1)
+    keys = jnp.where(col + start < n, _signed_keys(x_ref[...], use_abs), _INT_MIN)
+    prefix, step = prefix_ref[...], step_ref[...]
+    lane = lax.broadcasted_iota(jnp.int32, (block_rows, 1 << radix_bits), 1)
+    out = jnp.zeros((block_rows, 1 << radix_bits), jnp.int32)
+    for d in range(1, 1 << radix_bits):
+        # prefix has zeros below this pass's digit, so `|` adds the digit (d * step wraps in
+        # int32 exactly like the shift it stands for).
+        (count,) = _tile_counts(keys, [(prefix | (step * d)) ^ _INT_MIN])
+        out = jnp.where(lane == d, count, out)
+    cnt_ref[...] = out
+
+
+def _launch_split(x2d, k, use_abs, config: KernelConfig, skip_bits, compiler_params, interpret):
+    """Split mode: one count launch per radix pass; returns ``(y [rows, n], th_bits [rows])``.
+
+    Every launch spreads a row over ``n / block_cols`` programs, so a batch of a few long rows
+    still fills the device; the passes are unrolled (no data-dependent loop, so no host
+    synchronisation) and the mask is one fused XLA elementwise pass.
+    """
+    rows, n = x2d.shape
+    block_rows, block_cols, radix_bits = config.block_rows, config.block_cols, config.radix_bits
+    rows_pad = -(-rows // block_rows) * block_rows
+    n_pad = -(-n // block_cols) * block_cols
+    xp = x2d
+    if (rows_pad, n_pad) != (rows, n):
+        xp = jnp.pad(x2d, ((0, rows_pad - rows), (0, n_pad - n)))
+    chunks, width = n_pad // block_cols, 1 << radix_bits
+    count = pl.pallas_call(
+        functools.partial(_count_kernel, n=n, use_abs=use_abs, radix_bits=radix_bits),
+        out_shape=_struct((rows_pad, chunks * width), jnp.int32, xp),
+        grid=(rows_pad // block_rows, chunks),
+        in_specs=[
+            pl.BlockSpec((block_rows, block_cols), lambda i, j: (i, j)),
+            pl.BlockSpec((block_rows, 1), lambda i, j: (i, 0)),
+            pl.BlockSpec((block_rows, 1), lambda i, j: (i, 0)),
+        ],
+        out_specs=pl.BlockSpec((block_rows, width), lambda i, j: (i, j)),
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name="kwta_count",
+    )
+    # Zeros that vary over the same shard_map axes as the data (a constant would not).
+    zero = lax.bitcast_convert_type(xp[:, :1].astype(jnp.float32), jnp.int32) & 0
+    prefix = zero
+    passes = -(-(32 - skip_bits) // radix_bits)
+    for i in range(passes):
+        low = 32 - radix_bits * (i + 1)
+        step = zero | np.array(1 << low, np.uint32).view(np.int32)
+        counts = count(xp, prefix, step).reshape(rows_pad, chunks, width).sum(axis=1)
+        digit = jnp.sum(counts[:, 1:] >= k, axis=1, keepdims=True, dtype=jnp.int32)
+        prefix = prefix | (digit * step)
+    th = prefix[:rows, 0]
+    threshold_key = _threshold_to_key(th, x2d.dtype, skip_bits)
+    y, _ = _apply_threshold(x2d, threshold_key, use_abs)
+    return y, th
+
+
+def _apply_threshold(x2d, threshold_key, use_abs):
+    mask = rank_keys(x2d, use_abs) >= threshold_key[:, None]
+    return jnp.where(mask, x2d, jnp.zeros((), x2d.dtype)), threshold_key
+
+
 def _threshold_to_key(th_bits: jax.Array, dtype, skip_bits: int) -> jax.Array:
     """Unsigned key of ``dtype`` from the kernel's float32-domain key (int32 bit pattern)."""
     ukey = lax.bitcast_convert_type(th_bits, jnp.uint32)
@@ -266,19 +342,26 @@ def _struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype)  # pragma: no cover - older jax
 
 
-def _check_config(config: KernelConfig, dtype) -> None:
+def _check_config(config: KernelConfig) -> None:
     for name in ("block_rows", "block_cols"):
         v = getattr(config, name)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise ValueError(f"kwta_rows_pallas: {name} must be a power of two >= 1; got {v!r}.")
+    if config.block_cols > 1 << 22:
+        # A tile's count is summed in float32, exact below 2^24.
+        raise ValueError(f"kwta_rows_pallas: block_cols must be <= 2^22; got {config.block_cols}.")
     if config.radix_bits not in RADIX_BITS:
         raise ValueError(
             f"kwta_rows_pallas: radix_bits must be one of {RADIX_BITS}; got {config.radix_bits!r}."
         )
+    if not isinstance(config.split, bool):
+        raise TypeError(f"kwta_rows_pallas: split must be a bool; got {config.split!r}.")
 
 
 def _launch(x2d, k, use_abs, config: KernelConfig, skip_bits, compiler_params, interpret):
     """Pads ``x2d`` to whole blocks, runs the kernel, returns ``(y [rows, n], th_bits [rows])``."""
+    if config.split:
+        return _launch_split(x2d, k, use_abs, config, skip_bits, compiler_params, interpret)
     rows, n = x2d.shape
     dtype = x2d.dtype
     block_rows, block_cols = config.block_rows, config.block_cols
@@ -315,7 +398,7 @@ def _platform_configs(rows, n, dtype, overrides: dict) -> dict[str, KernelConfig
     out = {}
     for platform in ("gpu", "tpu", "interpret"):
         config = dataclasses.replace(default_config(rows, n, dtype, platform), **overrides)
-        _check_config(config, dtype)
+        _check_config(config)
         out[platform] = config
     return out
 
@@ -324,11 +407,21 @@ def _platform_configs(rows, n, dtype, overrides: dict) -> dict[str, KernelConfig
     jax.jit,
     static_argnames=(
         "k", "use_abs", "block_rows", "block_cols", "radix_bits", "num_warps", "num_stages",
-        "interpret",
+        "split", "interpret",
     ),
 )  # fmt: skip
 def _kwta_rows_pallas_impl(
-    x2d, k, use_abs, *, block_rows, block_cols, radix_bits, num_warps, num_stages, interpret
+    x2d,
+    k,
+    use_abs,
+    *,
+    block_rows,
+    block_cols,
+    radix_bits,
+    num_warps,
+    num_stages,
+    split,
+    interpret,
 ):
     rows, n = x2d.shape
     dtype = np.dtype(x2d.dtype)
@@ -339,7 +432,7 @@ def _kwta_rows_pallas_impl(
         name: value
         for name, value in (
             ("block_rows", block_rows), ("block_cols", block_cols), ("radix_bits", radix_bits),
-            ("num_warps", num_warps), ("num_stages", num_stages),
+            ("num_warps", num_warps), ("num_stages", num_stages), ("split", split),
         )
         if value is not None
     }  # fmt: skip
@@ -359,8 +452,11 @@ def _kwta_rows_pallas_impl(
             return launch(c, compiler_params=params, interpret=False)
 
         def tpu(_):
+            # Split mode's [block_rows, 2^radix_bits] count blocks do not meet Mosaic's
+            # (8, 128) tiling: TPUs always use the single launch.
             params = _pltpu.CompilerParams(dimension_semantics=("parallel",))
-            return launch(configs["tpu"], compiler_params=params, interpret=False)
+            config = dataclasses.replace(configs["tpu"], split=False)
+            return launch(config, compiler_params=params, interpret=False)
 
         y, th = lax.platform_dependent(
             x2d,
@@ -382,6 +478,7 @@ def kwta_rows_pallas(
     radix_bits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    split: bool | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact k-WTA rows with the fused Pallas kernel (row implementation ``"pallas"``).
@@ -392,8 +489,8 @@ def kwta_rows_pallas(
         32-bit).
       k: winners per row, ``1 <= k <= n``.
       use_abs: rank by ``|x|``.
-      block_rows, block_cols, radix_bits, num_warps, num_stages: override the fields of the
-        platform's `default_config` (see `KernelConfig`); ``None`` keeps the default.
+      block_rows, block_cols, radix_bits, num_warps, num_stages, split: override the fields
+        of the platform's `default_config` (see `KernelConfig`); ``None`` keeps the default.
       interpret: force interpret mode (default: interpret exactly when the platform has no
         Pallas lowering, i.e. CPU).
 
@@ -417,7 +514,7 @@ def kwta_rows_pallas(
         return kwta_rows_select(x2d, int(k), use_abs)
     launch = dict(
         block_rows=block_rows, block_cols=block_cols, radix_bits=radix_bits,
-        num_warps=num_warps, num_stages=num_stages, interpret=bool(interpret),
+        num_warps=num_warps, num_stages=num_stages, split=split, interpret=bool(interpret),
     )  # fmt: skip
     # Validate explicit settings eagerly (trace time), with the argument's name.
     overrides = {a: v for a, v in launch.items() if a != "interpret" and v is not None}

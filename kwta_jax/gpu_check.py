@@ -101,9 +101,12 @@ FULL = Sizes(
         ((1024, 32768), (0.01, 0.1, 0.7)),
         ((256, 1 << 20), (0.01, 0.1, 0.7)),
     ),
-    sweep_streaming=_grid(block_cols=(1024, 2048, 4096), radix_bits=(1, 2, 4), num_warps=(4, 8))
-    + _grid(block_cols=(2048,), radix_bits=(2, 4), num_warps=(8,), num_stages=(3,)),
-    sweep_resident=_grid(block_rows=(1, 2, 4, 8), radix_bits=(1, 2, 4), num_warps=(4,)),
+    sweep_streaming=_grid(
+        split=(True,), block_cols=(1024, 2048, 4096, 8192), radix_bits=(2, 4), num_warps=(4, 8)
+    )
+    + _grid(split=(True,), block_rows=(2, 4), block_cols=(4096,), radix_bits=(4,), num_warps=(8,))
+    + _grid(split=(False,), block_cols=(4096, 8192), radix_bits=(2,), num_warps=(8,)),
+    sweep_resident=_grid(block_rows=(1, 2), radix_bits=(1, 2), num_warps=(4,)),
     unrolled=(0, 2, 4),
     models=("mlp", "cnn", "cnn_deep", "resnet18"),
     batch=128,
@@ -115,7 +118,7 @@ DRY = Sizes(
     exact_shapes=((5, 300),),
     huge_row=0,
     bench_shapes=(((4, 64), (0.1,)),),
-    sweep_streaming=_grid(block_cols=(128, 256), radix_bits=(1, 4)),
+    sweep_streaming=_grid(block_cols=(128, 256), radix_bits=(1, 4), split=(False, True)),
     sweep_resident=_grid(block_rows=(1, 8), radix_bits=(2,)),
     unrolled=(0, 2),
     models=("mlp",),

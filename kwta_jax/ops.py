@@ -45,7 +45,7 @@ import numpy as np
 from jax import lax
 
 from kwta_jax.kernels.kwta_cpu import cpu_kernel_available, kwta_rows_cpu
-from kwta_jax.kernels.kwta_pallas import kwta_rows_pallas
+from kwta_jax.kernels.kwta_pallas import kwta_rows_pallas, triton_available
 from kwta_jax.keys import key_dtype, rank_keys
 from kwta_jax.select import kwta_rows_select
 
@@ -126,12 +126,15 @@ def resolve_impl(impl: str) -> str:
         # CPU: the FFI kernel ("cpu", two passes over the data, 1.7-2x ReLU on
         # [128,32,32,64]) when a C++ compiler could build it, else "select" (exact plain
         # XLA, 2.4-4.6x ReLU there; top_k is a full sort on XLA:CPU); docs/benchmarks.md.
-        # Other backends: "select"; the Pallas kernel lowers for GPU/TPU but has not been
-        # run on that hardware yet (docs/benchmarks.md), so it is opt-in (impl="pallas")
-        # until it is measured bit-exact and faster there.
+        # GPU: the Pallas kernel (Triton), measured bit-exact on an H200 and faster than
+        # "select" and "top_k" on every benchmarked shape (docs/benchmarks.md).
+        # TPU: "select"; the kernel lowers for Mosaic but has not run on a TPU yet.
         # With several CPU devices (data parallelism) "select" again: XLA partitions it along
         # the sharded batch, but gathers the whole batch onto every device for an FFI call.
-        single_cpu = jax.default_backend() == "cpu" and jax.local_device_count() == 1
+        backend = jax.default_backend()
+        if backend in ("gpu", "cuda", "rocm") and triton_available():
+            return "pallas"
+        single_cpu = backend == "cpu" and jax.local_device_count() == 1
         if single_cpu and cpu_kernel_available():
             return "cpu"
         return "select"
