@@ -77,6 +77,8 @@ _INT_MAX = np.int32(2**31 - 1)
 _SKIP_BITS = {np.dtype(np.float32): 0, np.dtype(jnp.bfloat16): 16, np.dtype(np.float16): 13}
 RADIX_BITS = (1, 2, 4)
 DEFAULT_BLOCK_COLS = 1024
+# Longest row (in keys) that a GPU program keeps in registers by default.
+RESIDENT_MAX = 4096
 # jax 0.10 names the varying-axes field of an abstract value `manual_axis_type`; older
 # releases called it `vma`. Output structs must carry the input's (inside `jax.shard_map`).
 _SDS_PARAMS = inspect.signature(jax.ShapeDtypeStruct).parameters
@@ -129,7 +131,7 @@ def default_config(rows: int, n: int, dtype, platform: str) -> KernelConfig:
     itemsize = np.dtype(dtype).itemsize
     if platform == "gpu":
         width = _pow2_at_least(max(n, 16))
-        if width <= 4096:
+        if width <= RESIDENT_MAX:
             # Resident: about 4096 keys per program, but at least ~2 programs per SM (H100/H200
             # have 132 SMs).
             block_rows = min(
@@ -138,7 +140,11 @@ def default_config(rows: int, n: int, dtype, platform: str) -> KernelConfig:
             return KernelConfig(
                 block_rows, width, radix_bits=2, num_warps=4 if width * block_rows <= 1024 else 8
             )
-        return KernelConfig(1, 4096, radix_bits=4, num_warps=8, split=True)
+        # Longer rows: one program per row streams it tile by tile in every pass. On an H200
+        # (docs/benchmarks.md) wider tiles were faster (2048: 0.37 ms, 4096: 0.26 ms, 8192:
+        # 0.20 ms on [128, 65536]), 2-bit digits beat 1 and 4, and split mode (0.23 ms at
+        # best) lost to the single launch.
+        return KernelConfig(1, 8192, radix_bits=2, num_warps=8)
     block_rows = 8 if itemsize == 4 else 16
     width = max(128, _pow2_at_least(n))
     return KernelConfig(block_rows, min(DEFAULT_BLOCK_COLS, width), radix_bits=1)

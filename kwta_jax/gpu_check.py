@@ -47,6 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from kwta_jax.benchmark import machine_info, time_call
 from kwta_jax.kernels.kwta_pallas import (
+    RESIDENT_MAX,
     default_config,
     kwta_reference,
     kwta_rows_pallas,
@@ -102,10 +103,9 @@ FULL = Sizes(
         ((256, 1 << 20), (0.01, 0.1, 0.7)),
     ),
     sweep_streaming=_grid(
-        split=(True,), block_cols=(1024, 2048, 4096, 8192), radix_bits=(2, 4), num_warps=(4, 8)
+        block_cols=(2048, 4096, 8192, 16384), radix_bits=(1, 2, 4), num_warps=(4, 8)
     )
-    + _grid(split=(True,), block_rows=(2, 4), block_cols=(4096,), radix_bits=(4,), num_warps=(8,))
-    + _grid(split=(False,), block_cols=(4096, 8192), radix_bits=(2,), num_warps=(8,)),
+    + _grid(split=(True,), block_cols=(4096, 8192), radix_bits=(2, 4), num_warps=(4,)),
     sweep_resident=_grid(block_rows=(1, 2), radix_bits=(1, 2), num_warps=(4,)),
     unrolled=(0, 2, 4),
     models=("mlp", "cnn", "cnn_deep", "resnet18"),
@@ -277,9 +277,9 @@ def stage_sweep(out: Path, sizes: Sizes, interpret: bool, log) -> dict:
 
 def _best_for(best: dict, n: int) -> dict | None:
     """The fastest swept configuration that applies to rows of ``n`` keys."""
-    for c in best.get("resident", []):
-        if n <= c.get("block_cols", 0):
-            return c
+    if n <= RESIDENT_MAX:
+        resident = best.get("resident", [])
+        return resident[0] if resident else None
     streaming = best.get("streaming", [])
     return streaming[0] if streaming else None
 
