@@ -141,10 +141,10 @@ def default_config(rows: int, n: int, dtype, platform: str) -> KernelConfig:
                 block_rows, width, radix_bits=2, num_warps=4 if width * block_rows <= 1024 else 8
             )
         # Longer rows: one program per row streams it tile by tile in every pass. On an H200
-        # (docs/benchmarks.md) wider tiles were faster (2048: 0.37 ms, 4096: 0.26 ms, 8192:
-        # 0.20 ms on [128, 65536]), 2-bit digits beat 1 and 4, and split mode (0.23 ms at
-        # best) lost to the single launch.
-        return KernelConfig(1, 8192, radix_bits=2, num_warps=8)
+        # (docs/benchmarks.md) wider tiles were faster (on [128, 65536]: 2048 0.37 ms, 4096
+        # 0.26, 8192 0.20, 16384 0.18), 2-bit digits beat 1 and 4, 8 warps beat 4, and split
+        # mode (0.24 ms at best) lost to the single launch.
+        return KernelConfig(1, min(16384, width), radix_bits=2, num_warps=8)
     block_rows = 8 if itemsize == 4 else 16
     width = max(128, _pow2_at_least(n))
     return KernelConfig(block_rows, min(DEFAULT_BLOCK_COLS, width), radix_bits=1)

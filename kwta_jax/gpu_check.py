@@ -279,7 +279,8 @@ def _best_for(best: dict, n: int) -> dict | None:
     """The fastest swept configuration that applies to rows of ``n`` keys."""
     if n <= RESIDENT_MAX:
         resident = best.get("resident", [])
-        return resident[0] if resident else None
+        # A resident tile is as wide as the row: never carry over the swept shape's width.
+        return {a: v for a, v in resident[0].items() if a != "block_cols"} if resident else None
     streaming = best.get("streaming", [])
     return streaming[0] if streaming else None
 
