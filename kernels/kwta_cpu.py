@@ -37,6 +37,7 @@ import shlex
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -72,9 +73,20 @@ class CpuKernelUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where built libraries are kept: ``$KWTA_JAX_CACHE_DIR`` or ``~/.cache/kwta_jax``."""
+    """Where built libraries are kept: ``$KWTA_JAX_CACHE_DIR`` or ``~/.cache/kwta_jax``.
+
+    Raises:
+      CpuKernelUnavailable: neither is set nor resolvable (no home directory).
+    """
     env = os.environ.get("KWTA_JAX_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "kwta_jax"
+    if env:
+        return Path(env)
+    try:
+        return Path.home() / ".cache" / "kwta_jax"
+    except RuntimeError as e:  # no HOME and no passwd entry for this uid
+        raise CpuKernelUnavailable(
+            f"kwta_cpu: no cache directory ({e}). Set KWTA_JAX_CACHE_DIR to a writable directory."
+        ) from e
 
 
 def compiler_command() -> list[str]:
@@ -143,6 +155,22 @@ def library_path(cxx: list[str] | None = None, directory: Path | None = None) ->
     return (cache_dir() if directory is None else directory) / f"kwta_cpu-{h.hexdigest()[:20]}.so"
 
 
+_STALE_TMP_S = 3600.0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Deletes temporary files of builds that were killed (SIGKILL skips their cleanup).
+
+    Only files older than an hour: a younger one may belong to a build still running.
+    """
+    for tmp in path.parent.glob(path.stem + ".*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > _STALE_TMP_S:
+                tmp.unlink()
+        except OSError:
+            pass  # another process removed it, or it is not ours to remove
+
+
 def build_library(cxx: list[str] | None = None, directory: Path | None = None) -> Path:
     """Compiles the kernel into the cache unless it is already there; returns its path.
 
@@ -159,6 +187,7 @@ def build_library(cxx: list[str] | None = None, directory: Path | None = None) -
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
@@ -175,6 +204,9 @@ def build_library(cxx: list[str] | None = None, directory: Path | None = None) -
                 f"command: {shlex.join(cmd)}\n"
                 f"output (tail):\n{(result.stdout + result.stderr)[-_STDERR_TAIL:]}"
             )
+        # mkstemp creates the file 0600 and the compiler keeps that mode (0711 once linked):
+        # give the library the usual 0755 so that other users of a shared cache can load it.
+        os.chmod(tmp, 0o755)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -50,7 +50,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kwta_jax.keys import key_dtype, rank_keys
+from kwta_jax.keys import apply_threshold, key_dtype, rank_keys
 from kwta_jax.select import kwta_rows_select
 
 try:  # Pallas's Triton backend is deprecated in jax 0.11 and may be removed later.
@@ -162,10 +162,8 @@ def kwta_reference(x2d: jax.Array, k: int, use_abs: bool = False) -> tuple[jax.A
       ``(y2d [rows, n] same dtype, threshold_key [rows])`` with unsigned keys of ``x2d``'s
       width.
     """
-    keys = rank_keys(x2d, use_abs)
-    threshold_key = lax.top_k(keys, k)[0][:, k - 1]
-    y2d = jnp.where(keys >= threshold_key[:, None], x2d, jnp.zeros((), x2d.dtype))
-    return y2d, threshold_key
+    threshold_key = lax.top_k(rank_keys(x2d, use_abs), k)[0][:, k - 1]
+    return apply_threshold(x2d, threshold_key, use_abs)
 
 
 def _signed_keys(x: jax.Array, use_abs: bool) -> jax.Array:
@@ -183,6 +181,36 @@ def _signed_keys(x: jax.Array, use_abs: bool) -> jax.Array:
     return jnp.where(is_nan, _INT_MAX, keys)
 
 
+def _bit_dtype(dtype) -> np.dtype:
+    """Signed integer of ``dtype``'s width (every Pallas backend has signed integers)."""
+    return np.dtype({2: np.int16, 4: np.int32}[np.dtype(dtype).itemsize])
+
+
+def _padded_bits(x2d: jax.Array, rows_pad: int, n_pad: int) -> jax.Array:
+    """The bit pattern of ``x2d`` padded with zeros to ``[rows_pad, n_pad]``.
+
+    The kernels move bit patterns, never floats: a float load, pad or slice may canonicalise
+    NaN payloads or flush subnormals on some backends (interpret mode on XLA:CPU), and winners
+    must come out bit for bit. Padded columns are masked out of the counts; padded rows are
+    discarded.
+    """
+    rows, n = x2d.shape
+    bits = lax.bitcast_convert_type(x2d, _bit_dtype(x2d.dtype))
+    if (rows_pad, n_pad) != (rows, n):
+        bits = jnp.pad(bits, ((0, rows_pad - rows), (0, n_pad - n)))
+    return bits
+
+
+def _bits_keys(bits: jax.Array, dtype, use_abs: bool) -> jax.Array:
+    """`_signed_keys` of the values whose bit patterns are ``bits``."""
+    return _signed_keys(lax.bitcast_convert_type(bits, dtype), use_abs)
+
+
+def _keep(mask: jax.Array, bits: jax.Array) -> jax.Array:
+    """``where(mask, bits, 0)``: the winners' bit patterns, +0 elsewhere."""
+    return jnp.where(mask, bits, jnp.zeros((), bits.dtype))
+
+
 def _tile_counts(keys: jax.Array, cands: list[jax.Array]) -> list[jax.Array]:
     """``count(keys >= c)`` per row for each ``c: [block_rows, 1]``, as int32.
 
@@ -195,7 +223,7 @@ def _tile_counts(keys: jax.Array, cands: list[jax.Array]) -> list[jax.Array]:
     ]
 
 
-def _kwta_kernel(x_ref, y_ref, th_ref, *, k, n, use_abs, block_cols, radix_bits, passes):
+def _kwta_kernel(x_ref, y_ref, th_ref, *, k, n, dtype, use_abs, block_cols, radix_bits, passes):
     """One program: ``x_ref, y_ref: [block_rows, n_pad]``, ``th_ref: [block_rows, 1]`` int32.
 
     ``th_ref`` receives the threshold as an *unsigned* key bit pattern (int32 storage) of the
@@ -209,7 +237,7 @@ def _kwta_kernel(x_ref, y_ref, th_ref, *, k, n, use_abs, block_cols, radix_bits,
     def tile_keys(xt, start):
         # Padding columns get the signed key INT_MIN (unsigned 0): below every candidate
         # (candidates are >= 1), so they are never counted.
-        return jnp.where(col + start < n, _signed_keys(xt, use_abs), _INT_MIN)
+        return jnp.where(col + start < n, _bits_keys(xt, dtype, use_abs), _INT_MIN)
 
     if num_tiles == 1:  # resident: one load, every pass in registers
         x_all = x_ref[...]
@@ -240,20 +268,20 @@ def _kwta_kernel(x_ref, y_ref, th_ref, *, k, n, use_abs, block_cols, radix_bits,
     threshold_signed = prefix ^ _INT_MIN
 
     if num_tiles == 1:
-        y_ref[...] = jnp.where(keys_all >= threshold_signed, x_all, jnp.zeros((), x_all.dtype))
+        y_ref[...] = _keep(keys_all >= threshold_signed, x_all)
         return
 
     def apply(j, carry):
         start = pl.multiple_of(j * block_cols, block_cols)
         xt = x_ref[:, pl.ds(start, block_cols)]
-        keep = _signed_keys(xt, use_abs) >= threshold_signed
-        y_ref[:, pl.ds(start, block_cols)] = jnp.where(keep, xt, jnp.zeros((), xt.dtype))
+        keep = _bits_keys(xt, dtype, use_abs) >= threshold_signed
+        y_ref[:, pl.ds(start, block_cols)] = _keep(keep, xt)
         return carry
 
     lax.fori_loop(0, num_tiles, apply, 0)
 
 
-def _count_kernel(x_ref, prefix_ref, step_ref, cnt_ref, *, n, use_abs, radix_bits):
+def _count_kernel(x_ref, prefix_ref, step_ref, cnt_ref, *, n, dtype, use_abs, radix_bits):
     """Split mode, one program: counts of one ``[block_rows, block_cols]`` tile of a row.
 
     ``prefix_ref, step_ref: [block_rows, 1]`` int32: the threshold's bits found so far and
@@ -263,7 +291,7 @@ def _count_kernel(x_ref, prefix_ref, step_ref, cnt_ref, *, n, use_abs, radix_bit
     block_rows, block_cols = x_ref.shape
     start = pl.program_id(1) * block_cols
     col = lax.broadcasted_iota(jnp.int32, (block_rows, block_cols), 1)
-    keys = jnp.where(col + start < n, _signed_keys(x_ref[...], use_abs), _INT_MIN)
+    keys = jnp.where(col + start < n, _bits_keys(x_ref[...], dtype, use_abs), _INT_MIN)
     prefix, step = prefix_ref[...], step_ref[...]
     lane = lax.broadcasted_iota(jnp.int32, (block_rows, 1 << radix_bits), 1)
     out = jnp.zeros((block_rows, 1 << radix_bits), jnp.int32)
@@ -286,12 +314,12 @@ def _launch_split(x2d, k, use_abs, config: KernelConfig, skip_bits, compiler_par
     block_rows, block_cols, radix_bits = config.block_rows, config.block_cols, config.radix_bits
     rows_pad = -(-rows // block_rows) * block_rows
     n_pad = -(-n // block_cols) * block_cols
-    xp = x2d
-    if (rows_pad, n_pad) != (rows, n):
-        xp = jnp.pad(x2d, ((0, rows_pad - rows), (0, n_pad - n)))
+    xp = _padded_bits(x2d, rows_pad, n_pad)
     chunks, width = n_pad // block_cols, 1 << radix_bits
     count = pl.pallas_call(
-        functools.partial(_count_kernel, n=n, use_abs=use_abs, radix_bits=radix_bits),
+        functools.partial(
+            _count_kernel, n=n, dtype=x2d.dtype, use_abs=use_abs, radix_bits=radix_bits
+        ),
         out_shape=_struct((rows_pad, chunks * width), jnp.int32, xp),
         grid=(rows_pad // block_rows, chunks),
         in_specs=[
@@ -316,13 +344,8 @@ def _launch_split(x2d, k, use_abs, config: KernelConfig, skip_bits, compiler_par
         prefix = prefix | (digit * step)
     th = prefix[:rows, 0]
     threshold_key = _threshold_to_key(th, x2d.dtype, skip_bits)
-    y, _ = _apply_threshold(x2d, threshold_key, use_abs)
+    y, _ = apply_threshold(x2d, threshold_key, use_abs)
     return y, th
-
-
-def _apply_threshold(x2d, threshold_key, use_abs):
-    mask = rank_keys(x2d, use_abs) >= threshold_key[:, None]
-    return jnp.where(mask, x2d, jnp.zeros((), x2d.dtype)), threshold_key
 
 
 def _threshold_to_key(th_bits: jax.Array, dtype, skip_bits: int) -> jax.Array:
@@ -337,6 +360,15 @@ def _threshold_to_key(th_bits: jax.Array, dtype, skip_bits: int) -> jax.Array:
     value = lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
     # The float32 key of a data value converts back exactly (NaN stays NaN, +0 stays +0).
     return rank_keys(value)
+
+
+def _varies(x: jax.Array) -> bool:
+    """Whether ``x`` varies over manual mesh axes (inside `jax.shard_map`)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return not getattr(mat, "empty", True)
+    return bool(getattr(aval, "vma", ()))  # pragma: no cover - older jax
 
 
 def _struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
@@ -373,19 +405,16 @@ def _launch(x2d, k, use_abs, config: KernelConfig, skip_bits, compiler_params, i
     block_rows, block_cols = config.block_rows, config.block_cols
     rows_pad = -(-rows // block_rows) * block_rows
     n_pad = -(-n // block_cols) * block_cols
-    xp = x2d
-    if (rows_pad, n_pad) != (rows, n):
-        # Padded columns are masked out of the counts; padded rows are discarded.
-        xp = jnp.pad(x2d, ((0, rows_pad - rows), (0, n_pad - n)))
+    xp = _padded_bits(x2d, rows_pad, n_pad)
     nbits = 32 - skip_bits
     passes = -(-nbits // config.radix_bits)  # the last digit may reach into constant bits
     kernel = functools.partial(
-        _kwta_kernel, k=k, n=n, use_abs=use_abs, block_cols=block_cols,
+        _kwta_kernel, k=k, n=n, dtype=dtype, use_abs=use_abs, block_cols=block_cols,
         radix_bits=config.radix_bits, passes=passes,
     )  # fmt: skip
     y, th = pl.pallas_call(
         kernel,
-        out_shape=(_struct((rows_pad, n_pad), dtype, xp), _struct((rows_pad, 1), jnp.int32, xp)),
+        out_shape=(_struct((rows_pad, n_pad), xp.dtype, xp), _struct((rows_pad, 1), jnp.int32, xp)),
         grid=(rows_pad // block_rows,),
         in_specs=[pl.BlockSpec((block_rows, n_pad), lambda i: (i, 0))],
         out_specs=(
@@ -396,7 +425,7 @@ def _launch(x2d, k, use_abs, config: KernelConfig, skip_bits, compiler_params, i
         interpret=interpret,
         name="kwta",
     )(xp)
-    return y[:rows, :n], th[:rows, 0]
+    return lax.bitcast_convert_type(y[:rows, :n], dtype), th[:rows, 0]
 
 
 def _platform_configs(rows, n, dtype, overrides: dict) -> dict[str, KernelConfig]:
@@ -444,8 +473,19 @@ def _kwta_rows_pallas_impl(
     }  # fmt: skip
     configs = _platform_configs(rows, n, dtype, overrides)
     launch = functools.partial(_launch, x2d, k, use_abs, skip_bits=skip_bits)
+
+    def interpreted(_=None):
+        if _varies(x2d):
+            raise NotImplementedError(
+                "kwta_rows_pallas: interpret mode (impl='pallas' on CPU) cannot run inside "
+                "jax.shard_map: Pallas's interpreter mixes varying and invariant values. Use "
+                "impl='select' or 'cpu' there; the compiled GPU and TPU kernels work under "
+                "shard_map."
+            )
+        return launch(configs["interpret"], compiler_params=None, interpret=True)
+
     if interpret:
-        y, th = launch(configs["interpret"], compiler_params=None, interpret=True)
+        y, th = interpreted()
     else:
 
         def gpu(_):
@@ -469,7 +509,10 @@ def _kwta_rows_pallas_impl(
             tpu=tpu,
             cuda=gpu,
             rocm=gpu,
-            default=lambda _: launch(configs["interpret"], compiler_params=None, interpret=True),
+            # Traced on every platform but lowered only on those without a kernel (CPU).
+            default=interpreted
+            if jax.default_backend() == "cpu"
+            else lambda _: launch(configs["interpret"], compiler_params=None, interpret=True),
         )
     return y, _threshold_to_key(th, dtype, skip_bits)
 

@@ -6,12 +6,14 @@ bit-for-bit on ties, signed zeros, infinities and NaNs.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["key_dtype", "rank_keys"]
+__all__ = ["apply_threshold", "key_dtype", "rank_keys", "transpose_bits", "where_bits"]
 
 _KEY_DTYPES = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
@@ -53,3 +55,54 @@ def rank_keys(x: jax.Array, use_abs: bool = False) -> jax.Array:
     # set the sign bit (so they sit above all negatives).
     keys = jnp.where(bits >= sign, ~bits, bits | sign)
     return jnp.where(is_nan, top, keys)
+
+
+@jax.custom_jvp
+def where_bits(mask: jax.Array, x: jax.Array) -> jax.Array:
+    """``where(mask, x, +0)`` selected on the bit pattern of ``x``; differentiable in ``x``.
+
+    A float ``where`` (or transpose) may canonicalise NaN payloads and flush subnormals on
+    some backends (XLA:CPU with AVX512-BF16 does both for bfloat16); on the integer view a
+    kept value keeps every bit, on every backend. The derivative is the float ``where``'s
+    (integer bitcasts alone would have none).
+    """
+    kdt = key_dtype(x.dtype)
+    bits = jnp.where(mask, lax.bitcast_convert_type(x, kdt), np.array(0, kdt))
+    return lax.bitcast_convert_type(bits, x.dtype)
+
+
+@where_bits.defjvp
+def _where_bits_jvp(primals, tangents):
+    (mask, x), (_, t) = primals, tangents
+    return where_bits(mask, x), jnp.where(mask, t, jnp.zeros((), t.dtype))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def transpose_bits(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+    """``jnp.transpose(x, perm)`` moved as bit patterns (see `where_bits`); differentiable."""
+    kdt = key_dtype(x.dtype)
+    return lax.bitcast_convert_type(jnp.transpose(lax.bitcast_convert_type(x, kdt), perm), x.dtype)
+
+
+@transpose_bits.defjvp
+def _transpose_bits_jvp(perm, primals, tangents):
+    (x,), (t,) = primals, tangents
+    return transpose_bits(x, perm), jnp.transpose(t, perm)
+
+
+def apply_threshold(
+    x2d: jax.Array, threshold_key: jax.Array, use_abs: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """k-WTA output of rows given their threshold keys: ``(y2d, threshold_key)``.
+
+    Args:
+      x2d: ``[rows, n]`` floating.
+      threshold_key: ``[rows]`` rank keys (`rank_keys` dtype of ``x2d``).
+      use_abs: rank by ``|x|``.
+
+    Returns:
+      ``y2d [rows, n]``: ``x`` (bit for bit) where ``rank_keys(x) >= threshold``, ``+0``
+      elsewhere; and ``threshold_key`` unchanged.
+    """
+    mask = rank_keys(x2d, use_abs) >= threshold_key[:, None]
+    return where_bits(mask, x2d), threshold_key

@@ -65,10 +65,10 @@ class KWTA(nnx.Module):
     ):
         ops.check_static_args(ratio, k, groups, axes, use_abs, impl)
         _check_backward(backward)
-        self.ratio = None if ratio is None else float(ratio)
+        self.ratio = None if ratio is None else ops.canonical_ratio(ratio)
         self.k = k
         self.groups = groups
-        self.axes = None if axes is None else tuple(axes)
+        self.axes = ops.canonical_axes(axes)
         self.use_abs = use_abs
         self.impl = impl
         self.backward = backward

@@ -46,11 +46,13 @@ from jax import lax
 
 from kwta_jax.kernels.kwta_cpu import cpu_kernel_available, kwta_rows_cpu
 from kwta_jax.kernels.kwta_pallas import kwta_rows_pallas, triton_available
-from kwta_jax.keys import key_dtype, rank_keys
+from kwta_jax.keys import apply_threshold, key_dtype, rank_keys, transpose_bits
 from kwta_jax.select import kwta_rows_select
 
 __all__ = [
     "GROUPS",
+    "canonical_axes",
+    "canonical_ratio",
     "IMPLEMENTATIONS",
     "competition_axes",
     "kwta",
@@ -77,14 +79,6 @@ RowImpl = Callable[[jax.Array, int, bool], tuple[jax.Array, jax.Array]]
 # --------------------------------------------------------------------------------------------
 # Row implementations.
 # --------------------------------------------------------------------------------------------
-
-
-def apply_threshold(
-    x2d: jax.Array, threshold_key: jax.Array, use_abs: bool
-) -> tuple[jax.Array, jax.Array]:
-    """``where(rank_keys(x) >= threshold, x, 0)`` row-wise; returns ``(y2d, threshold_key)``."""
-    mask = rank_keys(x2d, use_abs) >= threshold_key[:, None]
-    return jnp.where(mask, x2d, jnp.zeros((), x2d.dtype)), threshold_key
 
 
 def kwta_rows_topk(x2d: jax.Array, k: int, use_abs: bool) -> tuple[jax.Array, jax.Array]:
@@ -275,24 +269,47 @@ def competition_axes(
     return tuple(range(1, ndim - 1))
 
 
+def canonical_ratio(ratio: float) -> float:
+    """``ratio`` as a Python float; a NumPy float counts as its shortest decimal.
+
+    ``np.float32(0.7)`` is 0.699999988..., and ``int(0.699999988 * 10)`` keeps 6 units where the
+    user who wrote 0.7 means 7: read it as 0.7, the value its ``repr`` shows. The op and the
+    layers both go through here, so they always agree.
+    """
+    if isinstance(ratio, np.floating):
+        return float(np.format_float_positional(ratio, unique=True, trim="-"))
+    return float(ratio)
+
+
+def canonical_axes(axes: Sequence[int] | int | None) -> tuple[int, ...] | None:
+    """``axes`` as a tuple (an int names one axis), or ``None``."""
+    if axes is None:
+        return None
+    if isinstance(axes, numbers.Integral):
+        return (int(axes),)
+    return tuple(axes)
+
+
 def num_winners(n: int, ratio: float | None = None, k: int | None = None) -> int:
     """Number of winners in a group of ``n`` units: ``max(1, int(ratio * n))`` or ``k``."""
     if k is not None:
         if k > n:
             raise ValueError(f"kwta: k={k} is larger than the competition group size n={n}.")
         return int(k)
-    return max(1, int(ratio * n))
+    return max(1, int(canonical_ratio(ratio) * n))
 
 
 def _to_rows(x, ratio, k, groups, axes, use_abs, impl):
     """Validates and moves the competition axes last; returns what `_from_rows` needs."""
     check_static_args(ratio, k, groups, axes, use_abs, impl)
+    x = jnp.asarray(x)  # a nested list of floats is a float32 array, as everywhere in JAX
     _check_dtype(x)
-    x = jnp.asarray(x)
     comp = competition_axes(x.ndim, groups, axes)
     rest = tuple(a for a in range(x.ndim) if a not in comp)
     perm = rest + comp
-    xt = x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+    # Layout changes on the bit view: a float transpose may canonicalise NaN payloads
+    # (XLA:CPU, bfloat16), and winners must come out bit for bit.
+    xt = x if perm == tuple(range(x.ndim)) else transpose_bits(x, perm)
     n = int(np.prod([x.shape[a] for a in comp]))
     if n == 0:
         raise ValueError(f"kwta: the competition group of x with shape {x.shape} is empty.")
@@ -305,7 +322,7 @@ def _from_rows(y2d, layout):
     y = y2d.reshape(shape)
     if perm == tuple(range(len(perm))):
         return y
-    return jnp.transpose(y, np.argsort(perm))
+    return transpose_bits(y, tuple(np.argsort(perm)))
 
 
 # --------------------------------------------------------------------------------------------

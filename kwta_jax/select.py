@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kwta_jax.keys import key_dtype, rank_keys
+from kwta_jax.keys import apply_threshold, key_dtype, rank_keys
 
 __all__ = ["default_unrolled_passes", "kwta_rows_select", "select_threshold_keys"]
 
@@ -281,5 +281,4 @@ def kwta_rows_select(
     if unrolled_passes is None:
         unrolled_passes = default_unrolled_passes(jax.default_backend())
     threshold_key = select_threshold_keys(x2d, k, use_abs, unrolled_passes=unrolled_passes)
-    mask = rank_keys(x2d, use_abs) >= threshold_key[:, None]
-    return jnp.where(mask, x2d, jnp.zeros((), x2d.dtype)), threshold_key
+    return apply_threshold(x2d, threshold_key, use_abs)

@@ -95,7 +95,7 @@ def test_select_matches_topk_small_integers(config, dtype, data):
 
 @pytest.mark.parametrize(
     "name",
-    ["normal", "exp2", "constant", "nan_heavy", "two_clusters"],
+    ["normal", "relu", "exp2", "constant", "nan_heavy", "two_clusters", "sorted"],
 )
 @pytest.mark.parametrize("ratio", [0.1, 0.7])
 def test_select_distributions(name, ratio):
@@ -114,8 +114,10 @@ def test_select_distributions(name, ratio):
         x = np.where(rng.random((rows, n)) < 0.5, np.nan, rng.standard_normal((rows, n)))
     elif name == "two_clusters":
         x = np.where(rng.random((rows, n)) < 0.5, 1e30, 1e-30) * (1 + rng.random((rows, n)))
-    else:
+    elif name == "sorted":
         x = np.sort(rng.standard_normal((rows, n)), axis=1)
+    else:
+        raise AssertionError(name)
     k = max(1, int(ratio * n))
     dtype = jnp.bfloat16 if name == "normal" else jnp.float32
     assert_same_as_topk(jnp.asarray(x, dtype), k, False)
@@ -160,11 +162,11 @@ def test_select_threshold_is_rank_key_of_a_winner():
     assert bool(jnp.all(jnp.sum(keys >= th[:, None], axis=1) >= 30))
 
 
-def test_op_auto_is_select_on_cpu_and_matches_topk_with_gradients():
+def test_select_matches_topk_through_the_op_with_gradients():
     x = jax.random.normal(jax.random.key(1), (8, 6, 6, 5))
-    y_auto = kwta(x, ratio=0.2, groups="channel")
+    y_select = kwta(x, ratio=0.2, groups="channel", impl="select")
     y_topk = kwta(x, ratio=0.2, groups="channel", impl="topk")
-    np.testing.assert_array_equal(bits(y_auto), bits(y_topk))
+    np.testing.assert_array_equal(bits(y_select), bits(y_topk))
     g = jax.random.normal(jax.random.key(2), x.shape)
     ga = jax.grad(lambda x: jnp.vdot(kwta(x, ratio=0.2, impl="select"), g))(x)
     gt = jax.grad(lambda x: jnp.vdot(kwta(x, ratio=0.2, impl="topk"), g))(x)
