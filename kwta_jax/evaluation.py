@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kwta_jax import attacks
+from kwta_jax.attacks.losses import LogitsFn
 from kwta_jax.attacks.projections import check_norm, check_threat_model
 
 __all__ = [
@@ -49,8 +50,6 @@ __all__ = [
     "run_attack",
     "save_json",
 ]
-
-LogitsFn = Callable[[jax.Array], jax.Array]
 
 # Attack budgets. "default" keeps `attack.py` on the default mnist5k MLP (1,000 images, two
 # models) within minutes on two CPU cores; "strong" is what a paper-grade evaluation needs.
