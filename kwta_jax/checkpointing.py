@@ -323,7 +323,7 @@ def load_trained_model(run_dir, *, log=None) -> tuple[Any, dict]:
     """
     from flax import nnx
 
-    from kwta_jax.training import build_model_from_config, split_model
+    from kwta_jax.models import build_model_from_config, split_model
 
     config = read_config(run_dir)
     ckpt = Checkpointer(run_dir, read_only=True)

@@ -45,7 +45,15 @@ from jax.sharding import PartitionSpec as P
 from kwta_jax import data as data_lib
 from kwta_jax.checkpointing import Checkpointer, unflatten_tree
 from kwta_jax.layers import iter_kwta_layers, set_kwta_ratio
-from kwta_jax.models import ACTIVATIONS, KWTA_SCOPES, MODELS, create_model
+from kwta_jax.models import (
+    ACTIVATIONS,
+    KWTA_SCOPES,
+    MODELS,
+    ModelSpec,
+    build_model,
+    build_model_from_config,
+    split_model,
+)
 
 __all__ = [
     "DEFAULT_FGSM_EPS",
@@ -57,7 +65,6 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "anneal_ratio",
-    "build_model_from_config",
     "check_run_dir",
     "create_optimizer",
     "eval_step",
@@ -68,7 +75,6 @@ __all__ = [
     "make_mesh",
     "make_pgd_perturb",
     "run_comparison",
-    "split_model",
     "time_train_step",
     "train_and_evaluate",
     "train_step",
@@ -252,73 +258,16 @@ def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.Gradien
 # --------------------------------------------------------------------------------------------
 
 
-def model_kwargs(config: TrainConfig, dataset: data_lib.Dataset) -> dict:
-    """Keyword arguments of `create_model` for ``config`` on ``dataset`` (JSON-friendly)."""
+def model_spec(config: TrainConfig, dataset: data_lib.Dataset) -> ModelSpec:
+    """The `ModelSpec` of ``config`` on ``dataset`` (initial k-WTA ratio, the dataset's shape,
+    classes and normalisation)."""
     mean, std = data_lib.NORMALIZATION[dataset.name]
-    return dict(
-        act=config.act, ratio=anneal_ratio(config, 0), groups=config.groups,
-        num_classes=int(dataset.num_classes), input_shape=list(dataset.input_shape),
-        kwta_scope=config.kwta_scope, conv_ratio=config.conv_ratio,
-        mean=list(mean), std=list(std),
+    return ModelSpec(
+        name=config.model, act=config.act, ratio=anneal_ratio(config, 0), groups=config.groups,
+        num_classes=int(dataset.num_classes), input_shape=tuple(dataset.input_shape),
+        kwta_scope=config.kwta_scope, conv_ratio=config.conv_ratio, mean=tuple(mean),
+        std=tuple(std),
     )  # fmt: skip
-
-
-_ACT_KWARGS = ("act", "ratio", "groups", "kwta_scope", "conv_ratio")
-
-
-@functools.lru_cache(maxsize=16)
-def _state_initializer(name: str, kwargs_json: str) -> Callable[[jax.Array], nnx.State]:
-    """Jitted ``seed -> nnx.State`` of a freshly initialised model, cached per architecture.
-
-    The activation holds no variables, so it is fixed to ReLU here: the ReLU and k-WTA
-    versions of a model get the same initial parameters for a seed and share one compilation
-    (eager or per-model initialisation compiles every initializer separately: seconds on a
-    small CPU).
-    """
-    kwargs = dict(json.loads(kwargs_json), act="relu")
-
-    def init(seed):
-        rngs = nnx.Rngs(params=jax.random.key(seed), dropout=jax.random.key(seed + 1))
-        return nnx.state(create_model(name, **kwargs, rngs=rngs))
-
-    return jax.jit(init)
-
-
-def build_model_from_config(
-    config: dict, *, ratio: float | None = None, abstract: bool = False
-) -> nnx.Module:
-    """The model of a ``config.json`` dict (``model`` + ``model_kwargs``), in train mode.
-
-    Parameters are initialised from ``seed`` by one jitted call (shared by every activation of
-    the same architecture). ``abstract=True`` returns the model with `jax.ShapeDtypeStruct`
-    leaves (no compute; fill it from a checkpoint). ``ratio`` (if given and the model has k-WTA
-    layers) replaces the initial k-WTA ratio, e.g. the annealed ratio of a checkpoint.
-    """
-    kwargs = dict(config["model_kwargs"])
-    seed = int(config.get("seed", 0))
-    model = nnx.eval_shape(
-        lambda: create_model(config["model"], **kwargs,
-                             rngs=nnx.Rngs(params=jax.random.key(seed),
-                                           dropout=jax.random.key(seed + 1)))
-    )  # fmt: skip
-    if not abstract:
-        graphdef, abstract_state = nnx.split(model)
-        # Activation options hold no variables: leave them out of the cache key.
-        arch = {k: v for k, v in kwargs.items() if k not in _ACT_KWARGS}
-        init = _state_initializer(config["model"], json.dumps(arch, sort_keys=True))
-        state = init(jnp.int32(seed))
-        if jax.tree.structure(state) != jax.tree.structure(abstract_state):
-            raise AssertionError(f"{config['model']}: the activation changed the variables.")
-        model = nnx.merge(graphdef, state)
-    if ratio is not None and any(True for _ in iter_kwta_layers(model)):
-        set_kwta_ratio(model, ratio)
-    return model
-
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """``(graphdef, params, rest)``: trainable parameters and all other state (BatchNorm
-    statistics, dropout RNG keys and counters)."""
-    return nnx.split(model, nnx.Param, ...)
 
 
 @struct.dataclass
@@ -634,7 +583,7 @@ def train_and_evaluate(
     run_dir.mkdir(parents=True, exist_ok=True)
 
     config_dict = config.to_dict()
-    config_dict["model_kwargs"] = model_kwargs(config, dataset)
+    config_dict["model_kwargs"] = model_spec(config, dataset).to_kwargs()
     config_dict["kwta_jax_version"] = _version()
     model = build_model_from_config(config_dict)
     has_kwta = any(True for _ in iter_kwta_layers(model))
@@ -881,12 +830,12 @@ def time_train_step(config: TrainConfig, *, n_steps: int = 50, warmup: int = 5) 
     config = config.resolved()
     shapes = {"mnist5k": (28, 28, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1)}
     shape = shapes.get(config.dataset, (32, 32, 3))
-    kwargs = dict(
-        act=config.act, ratio=config.ratio, groups=config.groups, num_classes=10,
-        input_shape=list(shape), kwta_scope=config.kwta_scope, conv_ratio=config.conv_ratio,
-        mean=None, std=None,
+    spec = ModelSpec(
+        name=config.model, act=config.act, ratio=config.ratio, groups=config.groups,
+        num_classes=10, input_shape=shape, kwta_scope=config.kwta_scope,
+        conv_ratio=config.conv_ratio,
     )  # fmt: skip
-    model = build_model_from_config({"model": config.model, "model_kwargs": kwargs, "seed": 0})
+    model = build_model(spec, seed=0)
     tx = create_optimizer(config, 100)
     _, params, rest = split_model(model)
     state = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), jax.random.key(0))

@@ -18,18 +18,17 @@ from flax import nnx
 from kwta_jax import data
 from kwta_jax.checkpointing import load_trained_model
 from kwta_jax.layers import KWTA, iter_kwta_layers
+from kwta_jax.models import build_model_from_config, split_model
 from kwta_jax.training import (
     RunDirError,
     TrainConfig,
     TrainState,
     anneal_ratio,
-    build_model_from_config,
     check_run_dir,
     create_optimizer,
     format_comparison,
     make_pgd_perturb,
     run_comparison,
-    split_model,
     train_and_evaluate,
     train_step,
 )
