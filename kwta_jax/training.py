@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import shutil
 import time
@@ -44,11 +43,9 @@ from jax.sharding import PartitionSpec as P
 
 from kwta_jax import data as data_lib
 from kwta_jax.checkpointing import Checkpointer, unflatten_tree
+from kwta_jax.config import OPTIMIZERS, TrainConfig
 from kwta_jax.layers import iter_kwta_layers, set_kwta_ratio
 from kwta_jax.models import (
-    ACTIVATIONS,
-    KWTA_SCOPES,
-    MODELS,
     ModelSpec,
     build_model,
     build_model_from_config,
@@ -80,7 +77,6 @@ __all__ = [
     "train_step",
 ]
 
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 DEFAULT_FGSM_EPS: tuple[float, ...] = (0.1, 0.15, 0.2)
 
 # perturb_fn(logits_fn, x [B,H,W,C], y [B], key) -> x_adv [B,H,W,C] (the attack signature of
@@ -90,136 +86,6 @@ PerturbFn = Callable[[Callable[[jax.Array], jax.Array], jax.Array, jax.Array, ja
 
 class RunDirError(ValueError):
     """A run directory cannot be used as asked (existing run without --resume, config clash)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run (JSON-serialisable; stored in ``config.json``).
-
-    ``None`` means "the default for this model" and is filled in by `resolved`:
-    ``optimizer`` ``"adam"`` (``"sgd"`` for resnet18), ``lr`` 1e-3 (adam) / 0.1 (sgd),
-    ``weight_decay`` 0 (adam) / 5e-4 (sgd).
-
-    ``anneal=(start, end, every)``: the k-WTA ratio moves linearly from ``start`` to ``end``
-    in steps every ``every`` epochs, reaching ``end`` in the last stage (``ratio`` is then
-    ``end``). ``adv_eps > 0`` turns on PGD adversarial training (L-inf, ``adv_steps`` steps of
-    ``adv_step_size``, default ``2.5 * adv_eps / adv_steps``).
-    """
-
-    dataset: str = "mnist5k"
-    model: str = "mlp"
-    act: str = "kwta"
-    ratio: float = 0.1
-    groups: str = "sample"
-    kwta_scope: str = "dense"
-    conv_ratio: float | None = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float | None = None
-    optimizer: str | None = None
-    weight_decay: float | None = None
-    momentum: float = 0.9
-    anneal: tuple[float, float, int] | None = None
-    adv_eps: float = 0.0
-    adv_steps: int = 7
-    adv_step_size: float | None = None
-    seed: int = 0
-    data_dir: str | None = None
-    test_size: int = 1000
-    max_train: int | None = None
-    max_test: int | None = None
-
-    def resolved(self) -> TrainConfig:
-        """A copy with every ``None`` default filled in for this model."""
-        opt = self.optimizer or ("sgd" if self.model == "resnet18" else "adam")
-        lr = self.lr if self.lr is not None else (0.1 if opt == "sgd" else 1e-3)
-        wd = self.weight_decay if self.weight_decay is not None else (5e-4 if opt == "sgd" else 0.0)
-        anneal = None if self.anneal is None else tuple(self.anneal)
-        if anneal is not None:
-            anneal = (float(anneal[0]), float(anneal[1]), int(anneal[2]))
-        ratio = anneal[1] if anneal is not None else self.ratio
-        step = self.adv_step_size
-        if self.adv_eps > 0 and step is None:
-            step = 2.5 * self.adv_eps / self.adv_steps
-        return dataclasses.replace(
-            self, optimizer=opt, lr=float(lr), weight_decay=float(wd), anneal=anneal,
-            ratio=float(ratio), adv_step_size=step,
-        )  # fmt: skip
-
-    def validate(self) -> None:
-        """Raises ValueError with a clear message for any invalid field."""
-        errors = []
-        if self.dataset not in data_lib.DATASETS:
-            errors.append(f"unknown dataset {self.dataset!r} (choose from {data_lib.DATASETS})")
-        if self.model not in MODELS:
-            errors.append(f"unknown model {self.model!r} (choose from {MODELS})")
-        if self.act not in ACTIVATIONS:
-            errors.append(f"unknown activation {self.act!r} (choose from {ACTIVATIONS})")
-        for name in ("ratio", "conv_ratio"):
-            r = getattr(self, name)
-            if r is not None and not 0.0 < r <= 1.0:
-                errors.append(f"{name} must be in (0, 1]; got {r}")
-        if self.groups not in ("sample", "channel"):
-            errors.append(f"groups must be 'sample' or 'channel'; got {self.groups!r}")
-        if self.kwta_scope not in KWTA_SCOPES:
-            errors.append(f"kwta_scope must be one of {KWTA_SCOPES}; got {self.kwta_scope!r}")
-        if self.epochs < 1:
-            errors.append(f"epochs must be >= 1; got {self.epochs}")
-        if self.batch_size < 1:
-            errors.append(f"batch size must be >= 1; got {self.batch_size}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            errors.append(f"learning rate must be a positive number; got {self.lr}")
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            errors.append(f"unknown optimizer {self.optimizer!r} (choose from {OPTIMIZERS})")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            errors.append(f"weight decay must be >= 0; got {self.weight_decay}")
-        if not 0.0 <= self.momentum < 1.0:
-            errors.append(f"momentum must be in [0, 1); got {self.momentum}")
-        if self.anneal is not None:
-            if len(self.anneal) != 3:
-                errors.append(f"anneal must be (start, end, every); got {self.anneal}")
-            else:
-                start, end, every = self.anneal
-                if not (0 < start <= 1 and 0 < end <= 1):
-                    errors.append(f"anneal ratios must be in (0, 1]; got {start}, {end}")
-                if int(every) != every or every < 1:
-                    errors.append(f"anneal step interval must be an integer >= 1; got {every}")
-        if self.adv_eps < 0:
-            errors.append(f"adversarial-training eps must be >= 0; got {self.adv_eps}")
-        if self.adv_steps < 1:
-            errors.append(f"adversarial-training steps must be >= 1; got {self.adv_steps}")
-        if self.adv_step_size is not None and self.adv_step_size <= 0:
-            errors.append(f"adversarial-training step size must be > 0; got {self.adv_step_size}")
-        if self.model == "mlp" and self.groups == "channel" and self.act != "relu":
-            errors.append("groups='channel' needs convolutional feature maps; mlp has none")
-        if self.model == "resnet18" and self.dataset in ("mnist5k", "mnist", "fashion_mnist"):
-            pass  # works (28x28 inputs), just not what the paper did
-        if not 0 < self.test_size < 5000:
-            errors.append(f"test_size must be in (0, 5000); got {self.test_size}")
-        for name in ("max_train", "max_test"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                errors.append(f"{name} must be >= 1; got {v}")
-        if errors:
-            raise ValueError("invalid training configuration: " + "; ".join(errors) + ".")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["anneal"] = None if self.anneal is None else list(self.anneal)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if kw.get("anneal") is not None:
-            kw["anneal"] = tuple(kw["anneal"])
-        return cls(**kw)
 
 
 def anneal_ratio(config: TrainConfig, epoch: int) -> float:
