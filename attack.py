@@ -76,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from kwta_jax.evaluation import evaluate_checkpoints, find_run_dirs
+    from kwta_jax.evaluation import evaluate_checkpoints
+    from kwta_jax.runs import find_run_dirs
 
     try:
         find_run_dirs(args.run_dir)

@@ -39,7 +39,6 @@ __all__ = [
     "build_suite",
     "default_eps",
     "evaluate_checkpoints",
-    "find_run_dirs",
     "evaluate",
     "format_table",
     "models_from_nnx",
@@ -543,25 +542,6 @@ def plot_examples(res: EvalResult, path, *, eps: float | None = None, rows: int 
 # --------------------------------------------------------------------------------------------
 
 
-def find_run_dirs(path) -> list:
-    """Run directories under ``path``: ``[path]`` if it holds a ``config.json``, else its
-    sub-directories that do (sorted). Raises ``FileNotFoundError`` if there are none."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"run directory {str(path)!r} does not exist.")
-    if (path / "config.json").is_file():
-        return [path]
-    runs = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
-    if not runs:
-        raise FileNotFoundError(
-            f"{str(path)!r} has no config.json and no sub-directory with one; pass a run "
-            "directory written by train.py (e.g. runs/default/kwta) or its parent."
-        )
-    return runs
-
-
 def default_eps(dataset: str) -> tuple[float, ...]:
     """Default L-inf radii for a dataset name (``mnist*`` or ``cifar*``)."""
     for prefix, values in DEFAULT_EPS.items():
@@ -595,14 +575,13 @@ def evaluate_checkpoints(
     """
     from pathlib import Path
 
-    from kwta_jax import checkpointing, data
+    from kwta_jax import data, runs
     from kwta_jax.diagnostics import format_flags, run_diagnostics
 
     suite = build_suite(attack_names, norm=norm, budget=budget)
-    runs = find_run_dirs(path)
     loaded = {}
-    for run in runs:
-        model, config = checkpointing.load_trained_model(run)
+    for run in runs.find_run_dirs(path):
+        model, config = runs.load_trained_model(run)
         loaded[run] = (model, config)
     relu = [r for r, (_, c) in loaded.items() if str(c.get("act", "")).lower() == "relu"]
     source = loaded[relu[0]][0] if relu else None

@@ -26,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,7 +40,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kwta_jax import data as data_lib
-from kwta_jax.checkpointing import Checkpointer, unflatten_tree
+from kwta_jax import runs
+from kwta_jax.checkpointing import Checkpointer
 from kwta_jax.config import OPTIMIZERS, TrainConfig
 from kwta_jax.layers import iter_kwta_layers, set_kwta_ratio
 from kwta_jax.models import (
@@ -51,6 +50,7 @@ from kwta_jax.models import (
     build_model_from_config,
     split_model,
 )
+from kwta_jax.runs import RunDirError, check_run_dir
 
 __all__ = [
     "DEFAULT_FGSM_EPS",
@@ -82,10 +82,6 @@ DEFAULT_FGSM_EPS: tuple[float, ...] = (0.1, 0.15, 0.2)
 # perturb_fn(logits_fn, x [B,H,W,C], y [B], key) -> x_adv [B,H,W,C] (the attack signature of
 # kwta_jax.attacks with eps etc. bound).
 PerturbFn = Callable[[Callable[[jax.Array], jax.Array], jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-class RunDirError(ValueError):
-    """A run directory cannot be used as asked (existing run without --resume, config clash)."""
 
 
 def anneal_ratio(config: TrainConfig, epoch: int) -> float:
@@ -303,68 +299,6 @@ def make_pgd_perturb(eps: float, steps: int, step_size: float) -> PerturbFn:
     return functools.partial(pgd, eps=eps, steps=steps, step_size=step_size)
 
 
-# --------------------------------------------------------------------------------------------
-# Run directory.
-# --------------------------------------------------------------------------------------------
-
-RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "checkpoints")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _comparable(config: dict) -> dict:
-    # Training longer (--epochs) on resume is allowed; everything else must match.
-    ignore = {"epochs", "kwta_jax_version", "created_at"}
-    return {k: v for k, v in config.items() if k not in ignore}
-
-
-def check_run_dir(run_dir, config: TrainConfig, *, resume: bool, overwrite: bool) -> str:
-    """Decides what to do with ``run_dir`` before any work: ``"new"``, ``"resume"`` or
-    ``"overwrite"``. Raises `RunDirError` if it holds a run and neither flag is set, or if
-    ``resume`` finds a run with a different configuration."""
-    run_dir = Path(run_dir)
-    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if not existing:
-        return "new"
-    if overwrite:
-        return "overwrite"
-    if not resume:
-        raise RunDirError(
-            f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue "
-            "it, --overwrite to start over, or choose another --out."
-        )
-    cfg_path = run_dir / "config.json"
-    if cfg_path.exists():
-        try:
-            saved = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            saved = None
-        if saved is not None:
-            current = config.resolved().to_dict()
-            diff = sorted(k for k in _comparable(current) if k in saved and saved[k] != current[k])
-            if diff:
-                details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in diff)
-                raise RunDirError(
-                    f"cannot resume {run_dir}: its configuration differs ({details}). Resume "
-                    "with the original options or use --overwrite / another --out."
-                )
-    return "resume"
-
-
-def _clear_run_dir(run_dir: Path) -> None:
-    """Removes only the files a run writes (never other content of the directory)."""
-    for name in RUN_FILES:
-        p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
 @dataclasses.dataclass
 class RunResult:
     """Outcome of `train_and_evaluate`.
@@ -445,12 +379,10 @@ def train_and_evaluate(
             test_size=config.test_size, max_train=config.max_train, max_test=config.max_test,
         )  # fmt: skip
     if mode == "overwrite":
-        _clear_run_dir(run_dir)
+        runs.clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    config_dict = config.to_dict()
-    config_dict["model_kwargs"] = model_spec(config, dataset).to_kwargs()
-    config_dict["kwta_jax_version"] = _version()
+    config_dict = runs.make_run_config(config, model_spec(config, dataset))
     model = build_model_from_config(config_dict)
     has_kwta = any(True for _ in iter_kwta_layers(model))
     n_train = len(dataset.train_labels)
@@ -468,27 +400,14 @@ def train_and_evaluate(
     start_epoch, history, resumed_from = 0, [], None
     try:
         if mode == "resume" and ckpt.steps():
-            step, restored, bad = ckpt.restore_latest(log=log)
-            for b in bad:
-                log(f"moved corrupt checkpoint aside: {ckpt.quarantine(b)}")
-            meta = restored["meta"]
-            params, rest = unflatten_tree(
-                (state.params, state.rest), restored["model"], meta["model_spec"]
-            )
-            step_arr, opt_state, key = unflatten_tree(
-                (state.step, state.opt_state, state.key), restored["train"], meta["train_spec"]
-            )
-            state = TrainState(step=step_arr, params=params, rest=rest, opt_state=opt_state,
-                               key=key)  # fmt: skip
-            start_epoch = int(meta["data_position"]["epoch"])
-            history = [h for h in meta["history"] if h["epoch"] <= start_epoch]
+            state, start_epoch, history = runs.restore_training_state(ckpt, state, log=log)
             resumed_from = start_epoch
-            log(f"{run_dir}: resumed after epoch {start_epoch} (step {int(step_arr)}).")
+            log(f"{run_dir}: resumed after epoch {start_epoch} (step {int(state.step)}).")
         elif mode == "resume":
             log(f"{run_dir}: no finished checkpoint to resume; starting from scratch.")
 
-        _write_atomic(run_dir / "config.json", json.dumps(config_dict, indent=2) + "\n")
-        _write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        runs.write_config(run_dir, config_dict)
+        runs.write_metrics(run_dir, history)
         state = jax.device_put(state, NamedSharding(mesh, P()))
         step_cache: dict[float, StepFns] = {}
         epochs_done = 0
@@ -538,15 +457,9 @@ def train_and_evaluate(
                 "epoch_seconds": time.perf_counter() - t0,
             }
             history.append(record)
-            meta = {
-                "epoch": epoch + 1, "step": int(state.step), "kwta_ratio": ratio,
-                "data_position": {"epoch": epoch + 1, "batch": 0},
-                "config": config_dict, "history": history,
-            }  # fmt: skip
-            ckpt.save(epoch + 1, (state.params, state.rest),
-                      (state.step, state.opt_state, state.key), meta)  # fmt: skip
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            runs.save_training_state(ckpt, state, epoch=epoch + 1, ratio=ratio,
+                                     run_config=config_dict, history=history)  # fmt: skip
+            runs.append_metrics(run_dir, record)
             log(
                 f"{config.model}/{config.act} epoch {epoch + 1}/{config.epochs}: "
                 f"loss {record['train_loss']:.4f}, train acc {record['train_accuracy']:.4f}, "
@@ -568,12 +481,6 @@ def train_and_evaluate(
     final = nnx.merge(graphdef_eval, params, rest)
     final.eval()
     return RunResult(final, config_dict, history, run_dir, resumed_from)
-
-
-def _version() -> str:
-    from kwta_jax import __version__
-
-    return __version__
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,7 +572,7 @@ def run_comparison(
             "step_ms": float(np.median(later)) if later else None,
         }
     summary["total_seconds"] = time.perf_counter() - t_all
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    runs.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -20,9 +20,9 @@ from kwta_jax.checkpointing import (
     Checkpointer,
     CheckpointError,
     flatten_tree,
-    load_trained_model,
     unflatten_tree,
 )
+from kwta_jax.runs import load_trained_model
 from kwta_jax.training import TrainConfig, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
