@@ -11,6 +11,7 @@ All the work is in kwta_jax.evaluation / kwta_jax.diagnostics; this file only pa
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -74,10 +75,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _bars(enabled: bool):
+    """The progress-bar factory the library's loops take (`kwta_jax.progress`): tqdm."""
+    from tqdm.auto import tqdm
+
+    return functools.partial(tqdm, leave=False) if enabled else None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from kwta_jax.evaluation import evaluate_checkpoints
     from kwta_jax.runs import find_run_dirs
+    from kwta_jax.workflows import evaluate_run_dirs
 
     try:
         find_run_dirs(args.run_dir)
@@ -89,11 +97,11 @@ def main(argv=None) -> int:
     except ImportError:  # training code not installed: only stand-in loaders (tests)
         CheckpointError = RuntimeError  # noqa: N806
     try:
-        evaluate_checkpoints(
+        evaluate_run_dirs(
             args.run_dir, attack_names=args.attacks, eps_values=args.eps, norm=args.norm,
             n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
             budget=args.budget, surrogate=args.bpda_surrogate, out=args.out,
-            diagnose=not args.no_diagnostics, progress=not args.no_progress,
+            diagnose=not args.no_diagnostics, progress=_bars(not args.no_progress), log=print,
         )  # fmt: skip
     except (CheckpointError, FileNotFoundError) as e:
         # A run dir that cannot be loaded (no checkpoint, dataset unavailable) is a user error.

@@ -193,7 +193,7 @@ def main(argv=None) -> int:
 
             training.initialize_distributed()
         return run_experiments(args)
-    from kwta_jax import training
+    from kwta_jax import reports, training
 
     if args.distributed:
         training.initialize_distributed()
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     print()
-    print(training.format_comparison(summary))
+    print(reports.format_comparison(summary))
     print(f"\nruns in {args.out}/ ({', '.join(args.act)}), summary in {args.out}/summary.json; "
           f"total {summary['total_seconds']:.0f} s")  # fmt: skip
     return 0

@@ -6,12 +6,15 @@ Each check below compares attacks that *should* be ordered (iterative >= single-
 eps >= smaller eps, white-box >= black-box) or measures the input gradient directly. Any
 fired flag means the white-box numbers are not trustworthy; the worst case over the suite
 (which includes the adaptive attacks) is then the number to report.
+
+Like AutoAttack's ``checks.py``, this module sits on top of the suite runner
+(`kwta_jax.evaluation`) and is never imported by it; `kwta_jax.reports.format_flags` prints
+the flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +22,10 @@ import numpy as np
 
 from kwta_jax import attacks
 from kwta_jax.attacks.losses import loss_and_grad, margin
-from kwta_jax.evaluation import EvalResult, Models, build_suite, evaluate
+from kwta_jax.evaluation import EvalResult, Models, build_suite, run_suite
 
 __all__ = [
     "Flag",
-    "format_flags",
     "gradient_masking_flags",
     "gradient_statistics",
     "large_eps_accuracy",
@@ -89,10 +91,10 @@ def large_eps_accuracy(
     """Accuracy under white-box PGD at a radius where every input can be made anything
     (``eps = 1`` for L-inf images in [0, 1]): an unbroken model here means the gradient is
     not pointing anywhere useful."""
-    res = evaluate(
+    res = run_suite(
         dataclasses.replace(models, name=f"{models.name}@large-eps"), x, y,
         suite=build_suite(["pgd"], norm=norm, budget=budget), eps_values=[eps], norm=norm,
-        batch_size=batch_size, seed=seed, keep=0, progress=False,
+        batch_size=batch_size, seed=seed, keep=0,
     )  # fmt: skip
     return res.accuracy("pgd", eps)
 
@@ -220,23 +222,3 @@ def run_diagnostics(
     return gradient_masking_flags(
         res, grad_stats=stats, large_eps_acc=acc, large_eps=large_eps, **flag_kwargs
     )
-
-
-def format_flags(flags: Sequence[Flag], name: str = "") -> str:
-    """One line per flag (``[FLAG]`` or ``[ ok ]``, value, explanation, detail), then a
-    verdict."""
-    lines = [f"gradient-masking diagnostics{f' for {name}' if name else ''}:"]
-    for fl in flags:
-        mark = "FLAG" if fl.fired else " ok "
-        value = "n/a" if fl.value is None else f"{fl.value:.3f}"
-        lines.append(f"  [{mark}] {fl.name} = {value} (threshold {fl.threshold:g}): "
-                     f"{fl.explanation}")  # fmt: skip
-        if fl.detail:
-            lines.append(f"         {fl.detail}")
-    fired = [fl.name for fl in flags if fl.fired]
-    lines.append(
-        f"  => {len(fired)} flag(s) fired: gradient masking likely; trust the worst case over "
-        "the adaptive attacks, not white-box PGD." if fired
-        else "  => no flag fired: no sign of gradient masking."
-    )  # fmt: skip
-    return "\n".join(lines)

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kwta_jax import data as data_lib
-from kwta_jax import runs
+from kwta_jax import reports, runs
 from kwta_jax.checkpointing import Checkpointer
 from kwta_jax.config import OPTIMIZERS, TrainConfig
 from kwta_jax.layers import iter_kwta_layers, set_kwta_ratio
@@ -67,7 +67,6 @@ __all__ = [
     "eval_step",
     "evaluate_dataset",
     "fgsm_comparison",
-    "format_comparison",
     "initialize_distributed",
     "make_mesh",
     "make_pgd_perturb",
@@ -360,8 +359,6 @@ def train_and_evaluate(
     """
     from tqdm.auto import tqdm
 
-    from kwta_jax import plotting
-
     log = log or _log_default
     config = config.resolved()
     config.validate()
@@ -472,7 +469,7 @@ def train_and_evaluate(
         ckpt.close()
 
     if history:
-        plotting.plot_learning_curves(
+        reports.plot_learning_curves(
             history, run_dir / "curves.png", title=f"{config.dataset} {config.model} {config.act}"
         )
     model.eval()
@@ -498,14 +495,14 @@ def fgsm_comparison(
 ) -> dict:
     """Clean and FGSM (L-inf) accuracy of an eval-mode ``model`` on ``images [N, H, W, C]``.
 
-    Uses `kwta_jax.evaluation.evaluate` with `kwta_jax.attacks.fgsm` (compiled once, eps
+    Uses `kwta_jax.evaluation.run_suite` with `kwta_jax.attacks.fgsm` (compiled once, eps
     traced). Returns ``{"clean": float, "fgsm": {eps: float}}``.
     """
-    from kwta_jax.evaluation import build_suite, evaluate, models_from_nnx
+    from kwta_jax.evaluation import build_suite, models_from_nnx, run_suite
 
-    res = evaluate(
+    res = run_suite(
         models_from_nnx(model), images, labels, suite=build_suite(["fgsm"]),
-        eps_values=list(eps_values), batch_size=batch_size, progress=False,
+        eps_values=list(eps_values), batch_size=batch_size,
     )  # fmt: skip
     return {
         "clean": float(res.clean_correct.mean()),
@@ -574,27 +571,6 @@ def run_comparison(
     summary["total_seconds"] = time.perf_counter() - t_all
     runs.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def format_comparison(summary: dict) -> str:
-    """The comparison table of a `run_comparison` summary."""
-    eps = summary["eps"]
-    head = ["act", "ratio", "clean"] + [f"FGSM {e:g}" for e in eps] + ["ms/step", "train s"]
-    rows = []
-    for act, r in summary["runs"].items():
-        rows.append(
-            [act, "-" if r["ratio"] is None else f"{r['ratio']:g}", f"{r['clean_accuracy']:.3f}"]
-            + [f"{r['fgsm_accuracy'][str(float(e))]:.3f}" for e in eps]
-            + [f"{r['step_ms']:.2f}" if r["step_ms"] is not None else "-",
-               f"{r['train_seconds']:.1f}"]
-        )  # fmt: skip
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    title = (
-        f"{summary['dataset']} / {summary['model']}: test accuracy, clean and under FGSM "
-        f"(L-inf eps on [0, 1] pixels)"
-    )
-    return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def time_train_step(config: TrainConfig, *, n_steps: int = 50, warmup: int = 5) -> float:

@@ -18,13 +18,13 @@ from flax import nnx
 from kwta_jax import data
 from kwta_jax.layers import KWTA, iter_kwta_layers
 from kwta_jax.models import build_model_from_config, split_model
+from kwta_jax.reports import format_comparison
 from kwta_jax.runs import RunDirError, check_run_dir, load_trained_model
 from kwta_jax.training import (
     TrainConfig,
     TrainState,
     anneal_ratio,
     create_optimizer,
-    format_comparison,
     make_pgd_perturb,
     run_comparison,
     train_and_evaluate,
