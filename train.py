@@ -12,21 +12,31 @@ Each activation is trained into OUT/<act>/ (config.json, metrics.jsonl, orbax ch
 after every epoch, curves.png); OUT/summary.json holds the comparison printed at the end.
 A killed run continues with --resume. With --experiment, a preset of kwta_jax.experiments
 trains both models and then runs the attack suite (OUT defaults to runs/experiments/NAME).
-All the work is in kwta_jax.training / kwta_jax.experiments; this file only parses and checks
-the options.
+This file parses the options into TrainConfig (whose fields declare the training flags) and
+makes one call into kwta_jax.workflows, which checks the run directories and the data before
+any training; it owns the progress bars.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
-from kwta_jax import flags
+from tqdm.auto import tqdm
+
+from kwta_jax import flags, workflows
 from kwta_jax.config import TrainConfig
-from kwta_jax.data import DatasetUnavailableError, check_available
+from kwta_jax.data import DatasetUnavailableError
 from kwta_jax.evaluation import BUDGETS
-from kwta_jax.experiments import EXPERIMENTS, OVERRIDABLE_FIELDS, get_experiment
-from kwta_jax.training import DEFAULT_FGSM_EPS, RunDirError, check_run_dir
+from kwta_jax.experiments import (
+    EXPERIMENTS,
+    OVERRIDABLE_FIELDS,
+    describe_experiments,
+    get_experiment,
+)
+from kwta_jax.runs import RunDirError
+from kwta_jax.workflows import DEFAULT_FGSM_EPS
 
 DEFAULTS = TrainConfig()
 
@@ -106,17 +116,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.anneal is not None and args.ratio is not None and args.ratio != args.anneal[1]:
         parser.error(f"--ratio {args.ratio:g} differs from the --anneal end {args.anneal[1]:g}")
     configs = [flags.from_flags(TrainConfig, args, act=act) for act in args.act]
-    args.config = configs[0]
     try:
-        for act, cfg in zip(args.act, configs, strict=True):
+        for cfg in configs:
             cfg.resolved().validate()
-            check_run_dir(f"{args.out}/{act}", cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ValueError, RunDirError) as e:
+    except ValueError as e:
         parser.error(str(e))
-    try:
-        check_available(args.dataset, data_dir=args.data_dir)
-    except DatasetUnavailableError as e:
-        parser.exit(2, f"train.py: error: {e}\n")
+    args.config = configs[0]
     return args
 
 
@@ -141,75 +146,51 @@ def _check_experiment_args(parser, args, argv) -> argparse.Namespace:
     # One sub-directory per preset, unless a single preset gets an explicit --out.
     one_dir = args.experiment != "all" and "out" in explicit
     root = args.out if "out" in explicit else "runs/experiments"
-    args.experiments, args.unavailable = [], {}
+    args.experiments = []
     try:
         for name in names:
             experiment = get_experiment(name).with_overrides(**overrides)
-            out = root if one_dir else f"{root}/{name}"
             for act in experiment.acts:
-                cfg = TrainConfig(**{**experiment.config.__dict__, "act": act})
-                cfg.resolved().validate()
-                check_run_dir(f"{out}/{act}", cfg, resume=args.resume, overwrite=args.overwrite)
-            try:
-                check_available(experiment.config.dataset, data_dir=experiment.config.data_dir)
-            except DatasetUnavailableError as e:
-                args.unavailable[name] = str(e)
-                continue
-            args.experiments.append((experiment, out))
-    except (ValueError, RunDirError) as e:
+                TrainConfig(**{**experiment.config.__dict__, "act": act}).resolved().validate()
+            args.experiments.append((experiment, root if one_dir else f"{root}/{name}"))
+    except ValueError as e:
         parser.error(str(e))
-    if args.experiment != "all" and args.unavailable:
-        parser.exit(2, f"train.py: error: {args.unavailable[args.experiment]}\n")
     return args
 
 
-def run_experiments(args) -> int:
-    from kwta_jax import experiments
+def _bars(enabled: bool):
+    """The progress-bar factory the library's loops take (`kwta_jax.progress`): tqdm."""
+    return functools.partial(tqdm, leave=False, dynamic_ncols=True) if enabled else None
 
-    for name, message in args.unavailable.items():
-        print(f"train.py: skipping experiment {name}: {message}\n", file=sys.stderr)
-    for experiment, out in args.experiments:
-        experiments.run_experiment(
-            experiment, out, budget=args.attack_budget, n_examples=args.attack_examples,
-            resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-        )  # fmt: skip
-    if args.unavailable:
-        ran = ", ".join(e.name for e, _ in args.experiments) or "none"
-        print(f"\nran: {ran}; skipped (data not available here): {', '.join(args.unavailable)}",
-              file=sys.stderr)  # fmt: skip
-    return 0 if args.experiments else 2
+
+def _warn(message: str) -> None:
+    print(f"train.py: {message}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list_experiments:
-        from kwta_jax.experiments import describe_experiments
-
         print(describe_experiments())
         return 0
-    if args.experiment is not None:
-        if args.distributed:
-            from kwta_jax import training
-
-            training.initialize_distributed()
-        return run_experiments(args)
-    from kwta_jax import reports, training
-
-    if args.distributed:
-        training.initialize_distributed()
+    common = dict(resume=args.resume, overwrite=args.overwrite, distributed=args.distributed,
+                  progress=_bars(not args.no_progress), log=tqdm.write)  # fmt: skip
     try:
-        summary = training.run_comparison(
-            args.config, args.out, acts=args.act, eps_values=args.eps, resume=args.resume,
-            overwrite=args.overwrite, progress=not args.no_progress,
+        if args.experiment is None:
+            workflows.compare_activations(args.config, args.out, acts=args.act,
+                                          eps_values=args.eps, **common)  # fmt: skip
+            return 0
+        ran, skipped = workflows.run_experiments(
+            args.experiments, skip_unavailable=args.experiment == "all",
+            budget=args.attack_budget, n_examples=args.attack_examples, warn=_warn, **common,
         )  # fmt: skip
-    except DatasetUnavailableError as e:
+    except (RunDirError, DatasetUnavailableError) as e:
+        # Found at start-up, before any training: a one-line error, as argparse's.
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    print()
-    print(reports.format_comparison(summary))
-    print(f"\nruns in {args.out}/ ({', '.join(args.act)}), summary in {args.out}/summary.json; "
-          f"total {summary['total_seconds']:.0f} s")  # fmt: skip
-    return 0
+    if skipped:
+        print(f"\nran: {', '.join(ran) or 'none'}; skipped (data not available here): "
+              f"{', '.join(skipped)}", file=sys.stderr)  # fmt: skip
+    return 0 if ran else 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The six ReLU-vs-k-WTA experiments of the Keras write-up, as presets, plus adaptive attacks.
+"""The six ReLU-vs-k-WTA experiments of the Keras write-up, as presets.
 
 The write-up (``shared/seeds/``) trained a ReLU and a k-WTA model per experiment and attacked
 both with FGSM alone:
@@ -14,21 +14,18 @@ seed-5 ratio 0.1 everywhere                                           .8071 .788
 seed-6 MNIST, FGSM eps 0.1 / 0.15 / 0.2                               see `EXPERIMENTS`
 ====== ============================================================== ========================
 
-`run_experiment` trains both models with `kwta_jax.training.run_comparison`, runs the attack
-suite of `kwta_jax.evaluation` on both, and writes the write-up's table (clean / FGSM rows,
-ReLU / k-WTA columns, the write-up's own numbers beside ours) extended with PGD, the strongest
-adaptive attack, the per-example worst case and the gradient-masking flags.
+This module holds the presets only (data: a `TrainConfig` per experiment and the write-up's
+numbers). `kwta_jax.workflows.run_experiment` trains both models of a preset, runs the attack
+suite on both, and writes the write-up's table (`kwta_jax.reports.build_report`: clean / FGSM
+rows, ReLU / k-WTA columns, the write-up's own numbers beside ours) extended with PGD, the
+strongest adaptive attack, the per-example worst case and the gradient-masking flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from kwta_jax import evaluation, reports, training, workflows
-from kwta_jax.training import TrainConfig
+from kwta_jax.config import TrainConfig
 
 __all__ = [
     "EXPERIMENTS",
@@ -36,7 +33,6 @@ __all__ = [
     "Experiment",
     "describe_experiments",
     "get_experiment",
-    "run_experiment",
 ]
 
 # The training options a user may change in a preset (the rest define the experiment).
@@ -181,46 +177,3 @@ def describe_experiments() -> str:
             f"{c.epochs} epochs; FGSM eps {fgsm}"
         )
     return "\n".join(lines)
-
-
-def run_experiment(
-    experiment: Experiment,
-    out,
-    *,
-    attacks: Sequence[str] = evaluation.DEFAULT_SUITE,
-    budget: str = "default",
-    n_examples: int = 1000,
-    batch_size: int = 250,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Trains both models of ``experiment`` into ``out/<act>/``, attacks them, and writes
-    ``out/experiment.json``, ``out/table.md`` and ``out/accuracy_vs_eps.png``.
-
-    Returns the report (see `kwta_jax.reports.build_report`).
-    """
-    out = Path(out)
-    config = experiment.config
-    log(f"== experiment {experiment.name}: {experiment.description}")
-    summary = training.run_comparison(
-        config, out, acts=experiment.acts, eps_values=experiment.fgsm_eps, resume=resume,
-        overwrite=overwrite, progress=progress, log=log,
-    )  # fmt: skip
-    log(reports.format_comparison(summary))
-    payload = workflows.evaluate_run_dirs(
-        out, attack_names=attacks, eps_values=experiment.eps, n_examples=n_examples,
-        batch_size=batch_size, seed=config.seed, budget=budget, out=out / "attack",
-        progress=progress, log=log,
-    )  # fmt: skip
-    report = reports.build_report(experiment, payload)
-    report["train_summary"] = summary
-    report["budget"] = budget
-    (out / "experiment.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = reports.format_report(report)
-    (out / "table.md").write_text(table + "\n")
-    reports.plot_report(report, out / "accuracy_vs_eps.png")
-    log("\n" + table)
-    log(f"\nwrote {out / 'table.md'}, {out / 'experiment.json'}, {out / 'accuracy_vs_eps.png'}")
-    return report

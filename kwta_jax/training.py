@@ -1,12 +1,12 @@
-"""Training: config dataclass, optimisers, jitted train/eval steps, the epoch loop with
-checkpoints and resume, sparsity annealing, adversarial training and the ReLU-vs-k-WTA
-comparison that ``train.py`` runs.
+"""Training: the optimiser, the jitted train/eval steps on a device mesh, sparsity annealing
+and the epoch loop.
 
 Design (flax-examples style, functional core):
 
-* The model is split once into ``(graphdef, params, rest)`` (`split_model`); the step
-  functions are pure ``jax.jit`` functions of a `TrainState` pytree, so there is no Python
-  graph traversal per step. ``rest`` holds BatchNorm statistics and dropout RNG counters.
+* The model is split once into ``(graphdef, params, rest)`` (`kwta_jax.models.split_model`);
+  the step functions are pure ``jax.jit`` functions of a `TrainState` pytree, so there is no
+  Python graph traversal per step. ``rest`` holds BatchNorm statistics and dropout RNG
+  counters.
 * The k-WTA ratio is a static attribute of the graph: sparsity annealing calls
   `kwta_jax.layers.set_kwta_ratio` on the template model and re-splits it, which re-traces the
   steps once per ratio (cached) and leaves parameters and optimizer state untouched.
@@ -19,17 +19,16 @@ Design (flax-examples style, functional core):
   sharded over it and the state is replicated; XLA inserts the gradient all-reduce. With
   several processes (`initialize_distributed`) each process feeds its slice of the global
   batch.
+* The loop (`train_epochs`) yields after every epoch and writes nothing: run directories,
+  checkpoints, datasets and the adversarial perturbation (a ``perturb_fn`` it receives) are
+  composed around it by `kwta_jax.workflows.train_and_evaluate`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,46 +39,34 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kwta_jax import data as data_lib
-from kwta_jax import reports, runs
-from kwta_jax.checkpointing import Checkpointer
 from kwta_jax.config import OPTIMIZERS, TrainConfig
 from kwta_jax.layers import iter_kwta_layers, set_kwta_ratio
-from kwta_jax.models import (
-    ModelSpec,
-    build_model,
-    build_model_from_config,
-    split_model,
-)
-from kwta_jax.runs import RunDirError, check_run_dir
+from kwta_jax.models import ModelSpec, build_model, split_model
+from kwta_jax.progress import Bar, MakeBar, open_bar
 
 __all__ = [
-    "DEFAULT_FGSM_EPS",
     "OPTIMIZERS",
     "PerturbFn",
-    "RunDirError",
-    "RunResult",
     "StepFns",
     "TrainConfig",
     "TrainState",
     "anneal_ratio",
-    "check_run_dir",
+    "check_mesh_fits",
     "create_optimizer",
     "eval_step",
     "evaluate_dataset",
-    "fgsm_comparison",
+    "init_train_state",
     "initialize_distributed",
     "make_mesh",
-    "make_pgd_perturb",
-    "run_comparison",
+    "model_spec",
     "time_train_step",
-    "train_and_evaluate",
+    "train_epochs",
     "train_step",
+    "trained_model",
 ]
 
-DEFAULT_FGSM_EPS: tuple[float, ...] = (0.1, 0.15, 0.2)
-
-# perturb_fn(logits_fn, x [B,H,W,C], y [B], key) -> x_adv [B,H,W,C] (the attack signature of
-# kwta_jax.attacks with eps etc. bound).
+# perturb_fn(logits_fn, x [B,H,W,C], y [B], key) -> x_adv [B,H,W,C]: the attack signature of
+# kwta_jax.attacks with eps etc. bound (the caller binds one; training imports no attack).
 PerturbFn = Callable[[Callable[[jax.Array], jax.Array], jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -144,6 +131,16 @@ class TrainState:
     rest: nnx.State
     opt_state: optax.OptState
     key: jax.Array
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0 of training ``model`` with ``tx``: its parameters and other state, a fresh
+    optimizer state and the perturbation key of ``seed``."""
+    _, params, rest = split_model(model)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
+        key=jax.random.key(seed),
+    )  # fmt: skip
 
 
 def _weighted_ce(logits, labels, weights):
@@ -238,6 +235,15 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), ("batch",))
 
 
+def check_mesh_fits(batch_size: int, mesh: Mesh) -> None:
+    """Raises ValueError unless ``batch_size`` splits evenly over the ``mesh`` devices."""
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"batch size {batch_size} must be a multiple of the {mesh.size} devices "
+            "(data parallelism splits every batch evenly)."
+        )
+
+
 def _put_batch(batch: data_lib.Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
     """Global batch (identical on every process) -> arrays sharded over the batch axis; each
     process contributes its contiguous slice."""
@@ -291,286 +297,114 @@ def evaluate_dataset(
     return {"loss": float(acc["loss_sum"]) / n, "accuracy": float(acc["correct"]) / n}
 
 
-def make_pgd_perturb(eps: float, steps: int, step_size: float) -> PerturbFn:
-    """PGD (L-inf, random start) of `kwta_jax.attacks.pgd` as a ``perturb_fn``."""
-    from kwta_jax.attacks import pgd
-
-    return functools.partial(pgd, eps=eps, steps=steps, step_size=step_size)
+# --------------------------------------------------------------------------------------------
+# The epoch loop.
+# --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class RunResult:
-    """Outcome of `train_and_evaluate`.
-
-    ``model``: trained ``nnx.Module`` in eval mode. ``config``: the ``config.json`` dict.
-    ``history``: one dict per epoch (as in ``metrics.jsonl``). ``resumed_from``: epoch the run
-    resumed after (``None`` for a fresh run).
-    """
-
-    model: nnx.Module
-    config: dict
-    history: list[dict]
-    run_dir: Path
-    resumed_from: int | None = None
-
-    @property
-    def final(self) -> dict:
-        return self.history[-1] if self.history else {}
-
-
-def _log_default(msg: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(msg)
+def _train_epoch(
+    steps: StepFns, state: TrainState, dataset: data_lib.Dataset, config: TrainConfig,
+    epoch: int, bar: Bar, *, show_loss: bool,
+) -> tuple[TrainState, dict[str, np.ndarray]]:  # fmt: skip
+    """One pass over the training set in the order of ``(config.seed, epoch)``; returns the
+    new state and the epoch's summed ``loss_sum``, ``correct``, ``count`` (host)."""
+    n_batches = data_lib.num_batches(len(dataset.train_labels), config.batch_size)
+    batches = data_lib.iterate_batches(
+        dataset.train_images, dataset.train_labels, config.batch_size, shuffle=True,
+        seed=config.seed, epoch=epoch,
+    )  # fmt: skip
+    sums = None
+    for i, batch in enumerate(batches):
+        state, m = steps.train(state, _put_batch(batch, steps.data))
+        sums = _sum_metrics(sums, m)
+        # Reading the loss waits for the device: only for a bar someone sees, every 10 steps.
+        if show_loss and (i % 10 == 0 or i == n_batches - 1):
+            bar.set_postfix(loss=f"{float(m['loss_sum'] / m['count']):.4f}")
+        bar.update()
+    return state, jax.device_get(sums)
 
 
-def train_and_evaluate(
+def train_epochs(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    dataset: data_lib.Dataset,
     config: TrainConfig,
-    run_dir,
     *,
-    resume: bool = False,
-    overwrite: bool = False,
-    dataset: data_lib.Dataset | None = None,
+    mesh: Mesh,
     perturb_fn: PerturbFn | None = None,
-    mesh: Mesh | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-    stop_after_epochs: int | None = None,
-) -> RunResult:
-    """Trains one model into ``run_dir`` with a checkpoint after every epoch.
+    start_epoch: int = 0,
+    progress: MakeBar | None = None,
+) -> Iterator[tuple[TrainState, dict]]:
+    """Trains the epochs ``start_epoch .. config.epochs - 1`` and yields ``(state, record)``
+    after each; the caller checkpoints, logs, or stops by leaving the loop.
 
     Args:
-      config: the run's `TrainConfig` (validated here).
-      run_dir: output directory (``config.json``, ``metrics.jsonl``, ``checkpoints/``,
-        ``curves.png``).
-      resume: continue from the newest good checkpoint in ``run_dir`` (a fresh start if there
-        is none). Corrupt newer steps are moved aside and reported.
-      overwrite: delete a previous run's files in ``run_dir`` first.
-      dataset: a loaded dataset (default: `load_dataset` of the config).
-      perturb_fn: adversarial-training perturbation; default: PGD from ``config.adv_*`` when
-        ``config.adv_eps > 0``, else none.
-      mesh: device mesh (default: all devices, `make_mesh`).
-      progress: show tqdm bars.
-      log: one-line messages (default: ``tqdm.write``).
-      stop_after_epochs: stop (as if killed) after this many epochs of this call (tests).
+      model: the train-mode template of ``state`` (its k-WTA ratio is set per epoch:
+        annealing).
+      tx, state: the optimizer and the `TrainState` to start from (replicated over ``mesh``
+        here).
+      dataset: training and test arrays; the test set is evaluated after every epoch.
+      config: the resolved `TrainConfig` (batch size, seed, epochs, annealing).
+      mesh: the devices (`make_mesh`); ``config.batch_size`` must split over them.
+      perturb_fn: adversarial-training perturbation, see `train_step`.
+      progress: a bar factory for each epoch's steps (`kwta_jax.progress`).
 
-    Returns:
-      `RunResult` with the trained eval-mode model.
+    Yields:
+      The state after the epoch and its ``metrics.jsonl`` record: ``epoch`` (1-based),
+      ``step``, ``kwta_ratio`` (``None`` without k-WTA), train/test loss and accuracy,
+      ``train_seconds``, ``step_ms``, ``epoch_seconds``.
     """
-    from tqdm.auto import tqdm
-
-    log = log or _log_default
-    config = config.resolved()
-    config.validate()
-    run_dir = Path(run_dir)
-    mode = check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
-    mesh = mesh or make_mesh()
-    if config.batch_size % mesh.size:
-        raise ValueError(
-            f"batch size {config.batch_size} must be a multiple of the {mesh.size} devices "
-            "(data parallelism splits every batch evenly)."
-        )
-    if dataset is None:
-        dataset = data_lib.load_dataset(
-            config.dataset, data_dir=config.data_dir, seed=config.seed,
-            test_size=config.test_size, max_train=config.max_train, max_test=config.max_test,
-        )  # fmt: skip
-    if mode == "overwrite":
-        runs.clear_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    config_dict = runs.make_run_config(config, model_spec(config, dataset))
-    model = build_model_from_config(config_dict)
     has_kwta = any(True for _ in iter_kwta_layers(model))
-    n_train = len(dataset.train_labels)
-    steps_per_epoch = data_lib.num_batches(n_train, config.batch_size)
-    tx = create_optimizer(config, steps_per_epoch)
-    _, params, rest = split_model(model)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
-        key=jax.random.key(config.seed),
-    )  # fmt: skip
-    if perturb_fn is None and config.adv_eps > 0:
-        perturb_fn = make_pgd_perturb(config.adv_eps, config.adv_steps, config.adv_step_size)
-
-    ckpt = Checkpointer(run_dir)
-    start_epoch, history, resumed_from = 0, [], None
-    try:
-        if mode == "resume" and ckpt.steps():
-            state, start_epoch, history = runs.restore_training_state(ckpt, state, log=log)
-            resumed_from = start_epoch
-            log(f"{run_dir}: resumed after epoch {start_epoch} (step {int(state.step)}).")
-        elif mode == "resume":
-            log(f"{run_dir}: no finished checkpoint to resume; starting from scratch.")
-
-        runs.write_config(run_dir, config_dict)
-        runs.write_metrics(run_dir, history)
-        state = jax.device_put(state, NamedSharding(mesh, P()))
-        step_cache: dict[float, StepFns] = {}
-        epochs_done = 0
-        ratio = anneal_ratio(config, start_epoch)
-        for epoch in range(start_epoch, config.epochs):
-            ratio = anneal_ratio(config, epoch)
-            if has_kwta:
-                set_kwta_ratio(model, ratio)
-            if ratio not in step_cache:
-                step_cache[ratio] = StepFns(model, tx, mesh, perturb_fn)
-            steps = step_cache[ratio]
-
-            t0 = time.perf_counter()
-            bar = tqdm(
-                total=steps_per_epoch, desc=f"{config.act} {epoch + 1}/{config.epochs}",
-                unit="step", disable=not progress, leave=False, dynamic_ncols=True,
-            )  # fmt: skip
-            acc = None
-            batches = data_lib.iterate_batches(
-                dataset.train_images, dataset.train_labels, config.batch_size, shuffle=True,
-                seed=config.seed, epoch=epoch,
-            )  # fmt: skip
-            for i, batch in enumerate(batches):
-                state, m = steps.train(state, _put_batch(batch, steps.data))
-                acc = _sum_metrics(acc, m)
-                if progress and (i % 10 == 0 or i == steps_per_epoch - 1):
-                    bar.set_postfix(loss=f"{float(m['loss_sum'] / m['count']):.4f}")
-                bar.update()
-            acc = jax.device_get(acc)
-            train_time = time.perf_counter() - t0
-            bar.close()
-            test = evaluate_dataset(
-                steps, state.params, state.rest, dataset.test_images, dataset.test_labels,
-                config.batch_size,
-            )  # fmt: skip
-            n = max(float(acc["count"]), 1.0)
-            record = {
+    n_batches = data_lib.num_batches(len(dataset.train_labels), config.batch_size)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    step_fns: dict[float, StepFns] = {}  # one compilation per k-WTA ratio
+    for epoch in range(start_epoch, config.epochs):
+        ratio = anneal_ratio(config, epoch)
+        if has_kwta:
+            set_kwta_ratio(model, ratio)
+        if ratio not in step_fns:
+            step_fns[ratio] = StepFns(model, tx, mesh, perturb_fn)
+        steps = step_fns[ratio]
+        t0 = time.perf_counter()
+        bar = open_bar(progress, total=n_batches, desc=f"{config.act} {epoch + 1}/{config.epochs}",
+                       unit="step")  # fmt: skip
+        state, sums = _train_epoch(steps, state, dataset, config, epoch, bar,
+                                   show_loss=bool(progress))  # fmt: skip
+        train_time = time.perf_counter() - t0
+        bar.close()
+        test = evaluate_dataset(steps, state.params, state.rest, dataset.test_images,
+                                dataset.test_labels, config.batch_size)  # fmt: skip
+        n = max(float(sums["count"]), 1.0)
+        yield (
+            state,
+            {
                 "epoch": epoch + 1,
                 "step": int(state.step),
                 "kwta_ratio": ratio if has_kwta else None,
-                "train_loss": float(acc["loss_sum"]) / n,
-                "train_accuracy": float(acc["correct"]) / n,
+                "train_loss": float(sums["loss_sum"]) / n,
+                "train_accuracy": float(sums["correct"]) / n,
                 "test_loss": test["loss"],
                 "test_accuracy": test["accuracy"],
                 "train_seconds": train_time,
-                "step_ms": 1000 * train_time / steps_per_epoch,
+                "step_ms": 1000 * train_time / n_batches,
                 "epoch_seconds": time.perf_counter() - t0,
-            }
-            history.append(record)
-            runs.save_training_state(ckpt, state, epoch=epoch + 1, ratio=ratio,
-                                     run_config=config_dict, history=history)  # fmt: skip
-            runs.append_metrics(run_dir, record)
-            log(
-                f"{config.model}/{config.act} epoch {epoch + 1}/{config.epochs}: "
-                f"loss {record['train_loss']:.4f}, train acc {record['train_accuracy']:.4f}, "
-                f"test acc {record['test_accuracy']:.4f} ({record['epoch_seconds']:.1f} s)"
-            )
-            epochs_done += 1
-            if stop_after_epochs is not None and epochs_done >= stop_after_epochs:
-                break
-    finally:
-        ckpt.close()
-
-    if history:
-        reports.plot_learning_curves(
-            history, run_dir / "curves.png", title=f"{config.dataset} {config.model} {config.act}"
+            },
         )
+
+
+def trained_model(model: nnx.Module, state: TrainState) -> nnx.Module:
+    """The eval-mode model of template ``model`` with ``state``'s parameters (host arrays)."""
     model.eval()
-    graphdef_eval = nnx.graphdef(model)
     params, rest = jax.device_get((state.params, state.rest))
-    final = nnx.merge(graphdef_eval, params, rest)
+    final = nnx.merge(nnx.graphdef(model), params, rest)
     final.eval()
-    return RunResult(final, config_dict, history, run_dir, resumed_from)
+    return final
 
 
 # --------------------------------------------------------------------------------------------
-# ReLU vs k-WTA comparison (what train.py runs).
+# Step time.
 # --------------------------------------------------------------------------------------------
-
-
-def fgsm_comparison(
-    model: nnx.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    eps_values: Sequence[float] = DEFAULT_FGSM_EPS,
-    *,
-    batch_size: int = 500,
-) -> dict:
-    """Clean and FGSM (L-inf) accuracy of an eval-mode ``model`` on ``images [N, H, W, C]``.
-
-    Uses `kwta_jax.evaluation.run_suite` with `kwta_jax.attacks.fgsm` (compiled once, eps
-    traced). Returns ``{"clean": float, "fgsm": {eps: float}}``.
-    """
-    from kwta_jax.evaluation import build_suite, models_from_nnx, run_suite
-
-    res = run_suite(
-        models_from_nnx(model), images, labels, suite=build_suite(["fgsm"]),
-        eps_values=list(eps_values), batch_size=batch_size,
-    )  # fmt: skip
-    return {
-        "clean": float(res.clean_correct.mean()),
-        "fgsm": {float(e): res.accuracy("fgsm", e) for e in res.eps_values},
-    }
-
-
-def run_comparison(
-    config: TrainConfig,
-    out,
-    *,
-    acts: Sequence[str] = ("relu", "kwta"),
-    eps_values: Sequence[float] = DEFAULT_FGSM_EPS,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """Trains ``config`` once per activation into ``out/<act>/``, evaluates clean and FGSM
-    accuracy on the test set, writes ``out/summary.json`` and returns it.
-
-    Every run directory is checked (`check_run_dir`) and the dataset loaded before any
-    training starts, so bad options or a missing dataset fail fast.
-    """
-    log = log or _log_default
-    config = config.resolved()
-    out = Path(out)
-    configs = {act: dataclasses.replace(config, act=act) for act in acts}
-    for act, cfg in configs.items():
-        cfg.validate()
-        check_run_dir(out / act, cfg, resume=resume, overwrite=overwrite)
-    dataset = data_lib.load_dataset(
-        config.dataset, data_dir=config.data_dir, seed=config.seed, test_size=config.test_size,
-        max_train=config.max_train, max_test=config.max_test,
-    )  # fmt: skip
-    log(f"{dataset!r} on {jax.device_count()} {jax.default_backend()} device(s)")
-    summary: dict[str, Any] = {
-        "dataset": config.dataset, "model": config.model, "eps": list(eps_values),
-        "devices": jax.device_count(), "backend": jax.default_backend(), "runs": {},
-    }  # fmt: skip
-    t_all = time.perf_counter()
-    for act, cfg in configs.items():
-        t0 = time.perf_counter()
-        result = train_and_evaluate(
-            cfg, out / act, resume=resume, overwrite=overwrite, dataset=dataset,
-            progress=progress, log=log,
-        )  # fmt: skip
-        train_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        robust = fgsm_comparison(result.model, dataset.test_images, dataset.test_labels,
-                                 eps_values)  # fmt: skip
-        later = [h["step_ms"] for h in result.history[1:]] or [h["step_ms"] for h in result.history]
-        summary["runs"][act] = {
-            "run_dir": str(out / act),
-            "act": act,
-            "ratio": result.final.get("kwta_ratio"),
-            "epochs": len(result.history),
-            "clean_accuracy": robust["clean"],
-            "fgsm_accuracy": {str(e): a for e, a in robust["fgsm"].items()},
-            "final_train_loss": result.final.get("train_loss"),
-            "train_seconds": train_s,
-            "attack_seconds": time.perf_counter() - t1,
-            # Median over epochs after the first (which includes compilation).
-            "step_ms": float(np.median(later)) if later else None,
-        }
-    summary["total_seconds"] = time.perf_counter() - t_all
-    runs.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def time_train_step(config: TrainConfig, *, n_steps: int = 50, warmup: int = 5) -> float:
@@ -586,8 +420,7 @@ def time_train_step(config: TrainConfig, *, n_steps: int = 50, warmup: int = 5) 
     )  # fmt: skip
     model = build_model(spec, seed=0)
     tx = create_optimizer(config, 100)
-    _, params, rest = split_model(model)
-    state = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), jax.random.key(0))
+    state = init_train_state(model, tx, seed=0)
     mesh = make_mesh()
     steps = StepFns(model, tx, mesh)
     rng = np.random.default_rng(0)

@@ -27,7 +27,8 @@ import attack  # noqa: E402
 )
 def test_bad_arguments_exit_with_a_clear_message(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        attack.parse_args([a.format(tmp=tmp_path) for a in argv])
+        # As the shell runs it: the run directory is probed at start-up, not in parse_args.
+        sys.exit(attack.main([a.format(tmp=tmp_path) for a in argv]))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
