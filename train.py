@@ -20,6 +20,7 @@ any training; it owns the progress bars.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 
@@ -151,7 +152,7 @@ def _check_experiment_args(parser, args, argv) -> argparse.Namespace:
         for name in names:
             experiment = get_experiment(name).with_overrides(**overrides)
             for act in experiment.acts:
-                TrainConfig(**{**experiment.config.__dict__, "act": act}).resolved().validate()
+                dataclasses.replace(experiment.config, act=act).resolved().validate()
             args.experiments.append((experiment, root if one_dir else f"{root}/{name}"))
     except ValueError as e:
         parser.error(str(e))
@@ -184,7 +185,8 @@ def main(argv=None) -> int:
             budget=args.attack_budget, n_examples=args.attack_examples, warn=_warn, **common,
         )  # fmt: skip
     except (RunDirError, DatasetUnavailableError) as e:
-        # Found at start-up, before any training: a one-line error, as argparse's.
+        # A run directory or dataset that cannot be used, found at start-up before any
+        # training: a one-line error, as argparse's.
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     if skipped:

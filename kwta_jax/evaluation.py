@@ -70,6 +70,15 @@ DEFAULT_EPS: dict[str, tuple[float, ...]] = {
     "cifar": (8 / 255, 0.1),
 }
 
+
+def default_eps(dataset: str) -> tuple[float, ...]:
+    """Default L-inf radii for a dataset name (``mnist*`` or ``cifar*``)."""
+    for prefix, values in DEFAULT_EPS.items():
+        if dataset.lower().startswith(prefix):
+            return values
+    raise ValueError(f"no default eps for dataset {dataset!r}; pass --eps.")
+
+
 # Kinds drive the diagnostics: white-box gradient attacks versus attacks that do not trust the
 # model's own gradient.
 KINDS = ("single-step", "white-box", "minimal-norm", "gradient-free", "bpda", "eot", "transfer")
@@ -431,11 +440,3 @@ def run_suite(
         res.kinds[spec.name] = spec.kind
         res.examples[spec.name] = out["examples"]
     return res
-
-
-def default_eps(dataset: str) -> tuple[float, ...]:
-    """Default L-inf radii for a dataset name (``mnist*`` or ``cifar*``)."""
-    for prefix, values in DEFAULT_EPS.items():
-        if dataset.lower().startswith(prefix):
-            return values
-    raise ValueError(f"no default eps for dataset {dataset!r}; pass --eps.")

@@ -308,29 +308,17 @@ def run_comparison(
 
 
 def compare_activations(
-    config: TrainConfig,
-    out,
-    *,
-    acts: Sequence[str] = ("relu", "kwta"),
-    eps_values: Sequence[float] = DEFAULT_FGSM_EPS,
-    resume: bool = False,
-    overwrite: bool = False,
-    distributed: bool = False,
-    progress: MakeBar | None = None,
-    log: Log | None = None,
+    config: TrainConfig, out, *, distributed: bool = False, log: Log | None = None, **options
 ) -> dict:
-    """``train.py``'s job: `run_comparison`, then the table and where the runs are.
-
-    ``distributed``: call `kwta_jax.training.initialize_distributed` first (multi-host).
-    """
+    """``train.py``'s job: `run_comparison` (``options``: its keywords), then the table and
+    where the runs are. ``distributed``: `kwta_jax.training.initialize_distributed` first."""
     log = log or _logger.info
     if distributed:
         training.initialize_distributed()
-    summary = run_comparison(config, out, acts=acts, eps_values=eps_values, resume=resume,
-                             overwrite=overwrite, progress=progress, log=log)  # fmt: skip
+    summary = run_comparison(config, out, log=log, **options)
     log("")
     log(reports.format_comparison(summary))
-    log(f"\nruns in {out}/ ({', '.join(acts)}), summary in {out}/summary.json; "
+    log(f"\nruns in {out}/ ({', '.join(summary['runs'])}), summary in {out}/summary.json; "
         f"total {summary['total_seconds']:.0f} s")  # fmt: skip
     return summary
 
