@@ -5,15 +5,20 @@
 
 Prints per-attack robust accuracy, the per-example worst case over all attacks, throughput and
 gradient-masking diagnostics; writes results.json and PNGs to --out (default RUN_DIR/attack).
-All the work is in kwta_jax.evaluation / kwta_jax.diagnostics; this file only parses args.
+This file parses the options and makes one call, kwta_jax.workflows.evaluate_run_dirs; it owns
+the progress bars.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from kwta_jax import flags, workflows
+from kwta_jax.checkpointing import CheckpointError
 from kwta_jax.evaluation import ATTACKS, BUDGETS, DEFAULT_EPS, DEFAULT_SUITE
 
 
@@ -21,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="attack.py",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=flags.DefaultsHelpFormatter,
         epilog=f"Attacks: {', '.join(ATTACKS)} (or 'all'). Default eps per dataset: "
         + "; ".join(f"{k}: {', '.join(f'{e:g}' for e in v)}" for k, v in DEFAULT_EPS.items()),
     )
@@ -67,35 +72,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--n-examples and --batch-size must be positive")
     if args.norm == "l2" and "square" in args.attacks:
         parser.error("square is L-inf only; drop it from --attacks for --norm l2")
-    if not Path(args.run_dir).is_dir():
-        parser.error(f"run directory {args.run_dir!r} does not exist")
     if args.quick:
         args.budget, args.n_examples = "quick", min(args.n_examples, 200)
     return args
 
 
+def _bars(enabled: bool):
+    """The progress-bar factory the library's loops take (`kwta_jax.progress`): tqdm."""
+    return functools.partial(tqdm, leave=False, dynamic_ncols=True) if enabled else None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from kwta_jax.evaluation import evaluate_checkpoints, find_run_dirs
-
     try:
-        find_run_dirs(args.run_dir)
-    except FileNotFoundError as e:
-        print(f"attack.py: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        from kwta_jax.checkpointing import CheckpointError
-    except ImportError:  # training code not installed: only stand-in loaders (tests)
-        CheckpointError = RuntimeError  # noqa: N806
-    try:
-        evaluate_checkpoints(
+        workflows.evaluate_run_dirs(
             args.run_dir, attack_names=args.attacks, eps_values=args.eps, norm=args.norm,
             n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
             budget=args.budget, surrogate=args.bpda_surrogate, out=args.out,
-            diagnose=not args.no_diagnostics, progress=not args.no_progress,
+            diagnose=not args.no_diagnostics, progress=_bars(not args.no_progress),
+            log=tqdm.write,
         )  # fmt: skip
     except (CheckpointError, FileNotFoundError) as e:
-        # A run dir that cannot be loaded (no checkpoint, dataset unavailable) is a user error.
+        # No run there, a run that cannot be loaded, or its dataset is not here: user errors,
+        # found before any attack runs.
         print(f"attack.py: error: {e}", file=sys.stderr)
         return 2
     return 0

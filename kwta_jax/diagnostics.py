@@ -6,6 +6,10 @@ Each check below compares attacks that *should* be ordered (iterative >= single-
 eps >= smaller eps, white-box >= black-box) or measures the input gradient directly. Any
 fired flag means the white-box numbers are not trustworthy; the worst case over the suite
 (which includes the adaptive attacks) is then the number to report.
+
+Like AutoAttack's ``checks.py``, this module sits on top of the suite runner
+(`kwta_jax.evaluation`) and is never imported by it; `kwta_jax.reports.format_flags` prints
+the flags.
 """
 
 from __future__ import annotations
@@ -19,11 +23,10 @@ import numpy as np
 
 from kwta_jax import attacks
 from kwta_jax.attacks.losses import loss_and_grad, margin
-from kwta_jax.evaluation import EvalResult, Models, build_suite, evaluate
+from kwta_jax.evaluation import EvalResult, Models, build_suite, run_suite
 
 __all__ = [
     "Flag",
-    "format_flags",
     "gradient_masking_flags",
     "gradient_statistics",
     "large_eps_accuracy",
@@ -89,12 +92,90 @@ def large_eps_accuracy(
     """Accuracy under white-box PGD at a radius where every input can be made anything
     (``eps = 1`` for L-inf images in [0, 1]): an unbroken model here means the gradient is
     not pointing anywhere useful."""
-    res = evaluate(
+    res = run_suite(
         dataclasses.replace(models, name=f"{models.name}@large-eps"), x, y,
         suite=build_suite(["pgd"], norm=norm, budget=budget), eps_values=[eps], norm=norm,
-        batch_size=batch_size, seed=seed, keep=0, progress=False,
+        batch_size=batch_size, seed=seed, keep=0,
     )  # fmt: skip
     return res.accuracy("pgd", eps)
+
+
+def _best_white_box(res: EvalResult, iterative: Sequence[str], eps: float) -> float:
+    return min(res.accuracy(a, eps) for a in iterative)
+
+
+def _single_step_flag(res: EvalResult, iterative: Sequence[str], tol: float) -> Flag:
+    eps = res.eps_values
+    gaps = [_best_white_box(res, iterative, e) - res.accuracy("fgsm", e) for e in eps]
+    i = int(np.argmax(gaps))
+    return Flag(
+        "iterative_weaker_than_single_step", gaps[i] > tol, gaps[i], tol,
+        "Iterative white-box attacks should never do worse than one FGSM step; if they "
+        "do, their gradients are misleading.",
+        f"best iterative {100 * _best_white_box(res, iterative, eps[i]):.1f}% vs FGSM "
+        f"{100 * res.accuracy('fgsm', eps[i]):.1f}% at eps={eps[i]:g}",
+    )  # fmt: skip
+
+
+def _eps_monotonic_flag(res: EvalResult, tol: float) -> Flag:
+    eps = res.eps_values
+    worst_rise, where = 0.0, ""
+    for a in res.pred:
+        accs = [res.accuracy(a, e) for e in eps]
+        for j in range(1, len(eps)):
+            if accs[j] - accs[j - 1] > worst_rise:
+                worst_rise = accs[j] - accs[j - 1]
+                where = f"{a}: {100 * accs[j - 1]:.1f}% at {eps[j - 1]:g} -> " \
+                        f"{100 * accs[j]:.1f}% at {eps[j]:g}"  # fmt: skip
+    return Flag(
+        "accuracy_not_decreasing_with_eps", worst_rise > tol, worst_rise, tol,
+        "A larger ball contains the smaller one, so accuracy must not grow with eps; "
+        "if it does, the attack gets lost rather than the model getting robust.", where,
+    )  # fmt: skip
+
+
+def _adaptive_flags(res: EvalResult, iterative: Sequence[str], tol: float) -> list[Flag]:
+    """One flag per attack that does not use the model's gradient, against white-box PGD."""
+    # The issue's (and Tramer et al.'s) comparison is against white-box PGD at the same budget;
+    # without PGD in the suite, against the best iterative white-box attack.
+    ref_name = "pgd" if "pgd" in res.pred else "best white-box"
+
+    def ref(e):
+        return res.accuracy("pgd", e) if "pgd" in res.pred else _best_white_box(res, iterative, e)
+
+    flags = []
+    for a in res.pred:
+        if res.kinds[a] not in NON_GRADIENT_KINDS:
+            continue
+        gaps = [ref(e) - res.accuracy(a, e) for e in res.eps_values]
+        i = int(np.argmax(gaps))
+        e = res.eps_values[i]
+        only = res.worst_correct(e, iterative) & ~res.correct(a, e)
+        flags.append(Flag(
+            f"{a}_beats_pgd", gaps[i] > tol, gaps[i], tol,
+            f"A {res.kinds[a]} attack does not use the model's own gradient; beating "
+            "white-box PGD means that gradient is masked or misleading.",
+            f"{a} {100 * res.accuracy(a, e):.1f}% vs {ref_name} {100 * ref(e):.1f}% "
+            f"(best white-box {100 * _best_white_box(res, iterative, e):.1f}%) at eps={e:g}; "
+            f"it breaks {int(only.sum())} example(s) that every white-box attack missed",
+        ))  # fmt: skip
+    return flags
+
+
+def _gradient_flags(grad_stats: dict, share_threshold: float) -> list[Flag]:
+    z, f = grad_stats["zero_gradient_share"], grad_stats["flat_loss_share"]
+    return [
+        Flag(
+            "zero_input_gradient", z > share_threshold, z, share_threshold,
+            "Share of inputs whose loss gradient is exactly zero: gradient attacks cannot "
+            "move them at all (shattered / saturated gradients).",
+        ),
+        Flag(
+            "flat_loss_along_gradient", f > share_threshold, f, share_threshold,
+            "Share of inputs whose loss does not change after an eps step along the gradient "
+            "sign: the local gradient says nothing about the loss nearby.",
+        ),
+    ]  # fmt: skip
 
 
 def gradient_masking_flags(
@@ -114,38 +195,11 @@ def gradient_masking_flags(
     examples and the randomness of random-search attacks do not fire on a plain model.
     """
     flags: list[Flag] = []
-    eps = res.eps_values
     iterative = [a for a in WHITE_BOX_ITERATIVE if a in res.pred]
-
-    def best_white(e):
-        return min(res.accuracy(a, e) for a in iterative)
-
     if "fgsm" in res.pred and iterative:
-        gaps = [best_white(e) - res.accuracy("fgsm", e) for e in eps]
-        i = int(np.argmax(gaps))
-        flags.append(Flag(
-            "iterative_weaker_than_single_step", gaps[i] > tol, gaps[i], tol,
-            "Iterative white-box attacks should never do worse than one FGSM step; if they "
-            "do, their gradients are misleading.",
-            f"best iterative {100 * best_white(eps[i]):.1f}% vs FGSM "
-            f"{100 * res.accuracy('fgsm', eps[i]):.1f}% at eps={eps[i]:g}",
-        ))  # fmt: skip
-
-    if len(eps) > 1:
-        worst_rise, where = 0.0, ""
-        for a in res.pred:
-            accs = [res.accuracy(a, e) for e in eps]
-            for j in range(1, len(eps)):
-                if accs[j] - accs[j - 1] > worst_rise:
-                    worst_rise = accs[j] - accs[j - 1]
-                    where = f"{a}: {100 * accs[j - 1]:.1f}% at {eps[j - 1]:g} -> " \
-                            f"{100 * accs[j]:.1f}% at {eps[j]:g}"  # fmt: skip
-        flags.append(Flag(
-            "accuracy_not_decreasing_with_eps", worst_rise > tol, worst_rise, tol,
-            "A larger ball contains the smaller one, so accuracy must not grow with eps; "
-            "if it does, the attack gets lost rather than the model getting robust.", where,
-        ))  # fmt: skip
-
+        flags.append(_single_step_flag(res, iterative, tol))
+    if len(res.eps_values) > 1:
+        flags.append(_eps_monotonic_flag(res, tol))
     if large_eps_acc is not None:
         flags.append(Flag(
             "large_eps_not_broken", large_eps_acc > large_eps_threshold, large_eps_acc,
@@ -154,43 +208,10 @@ def gradient_masking_flags(
             "reaching ~0% accuracy there means its gradient is uninformative.",
             f"PGD accuracy {100 * large_eps_acc:.1f}% at eps={large_eps}",
         ))  # fmt: skip
-
-    # The issue's (and Tramer et al.'s) comparison is against white-box PGD at the same budget;
-    # without PGD in the suite, against the best iterative white-box attack.
     if iterative:
-        ref_name = "pgd" if "pgd" in res.pred else "best white-box"
-
-        def ref(e):
-            return res.accuracy("pgd", e) if "pgd" in res.pred else best_white(e)
-
-        for a in res.pred:
-            if res.kinds[a] not in NON_GRADIENT_KINDS:
-                continue
-            gaps = [ref(e) - res.accuracy(a, e) for e in eps]
-            i = int(np.argmax(gaps))
-            e = eps[i]
-            only = res.worst_correct(e, iterative) & ~res.correct(a, e)
-            flags.append(Flag(
-                f"{a}_beats_pgd", gaps[i] > tol, gaps[i], tol,
-                f"A {res.kinds[a]} attack does not use the model's own gradient; beating "
-                "white-box PGD means that gradient is masked or misleading.",
-                f"{a} {100 * res.accuracy(a, e):.1f}% vs {ref_name} {100 * ref(e):.1f}% "
-                f"(best white-box {100 * best_white(e):.1f}%) at eps={e:g}; it breaks "
-                f"{int(only.sum())} example(s) that every white-box attack missed",
-            ))  # fmt: skip
-
+        flags.extend(_adaptive_flags(res, iterative, tol))
     if grad_stats is not None:
-        z, f = grad_stats["zero_gradient_share"], grad_stats["flat_loss_share"]
-        flags.append(Flag(
-            "zero_input_gradient", z > share_threshold, z, share_threshold,
-            "Share of inputs whose loss gradient is exactly zero: gradient attacks cannot "
-            "move them at all (shattered / saturated gradients).",
-        ))  # fmt: skip
-        flags.append(Flag(
-            "flat_loss_along_gradient", f > share_threshold, f, share_threshold,
-            "Share of inputs whose loss does not change after an eps step along the gradient "
-            "sign: the local gradient says nothing about the loss nearby.",
-        ))  # fmt: skip
+        flags.extend(_gradient_flags(grad_stats, share_threshold))
     return flags
 
 
@@ -220,23 +241,3 @@ def run_diagnostics(
     return gradient_masking_flags(
         res, grad_stats=stats, large_eps_acc=acc, large_eps=large_eps, **flag_kwargs
     )
-
-
-def format_flags(flags: Sequence[Flag], name: str = "") -> str:
-    """One line per flag (``[FLAG]`` or ``[ ok ]``, value, explanation, detail), then a
-    verdict."""
-    lines = [f"gradient-masking diagnostics{f' for {name}' if name else ''}:"]
-    for fl in flags:
-        mark = "FLAG" if fl.fired else " ok "
-        value = "n/a" if fl.value is None else f"{fl.value:.3f}"
-        lines.append(f"  [{mark}] {fl.name} = {value} (threshold {fl.threshold:g}): "
-                     f"{fl.explanation}")  # fmt: skip
-        if fl.detail:
-            lines.append(f"         {fl.detail}")
-    fired = [fl.name for fl in flags if fl.fired]
-    lines.append(
-        f"  => {len(fired)} flag(s) fired: gradient masking likely; trust the worst case over "
-        "the adaptive attacks, not white-box PGD." if fired
-        else "  => no flag fired: no sign of gradient masking."
-    )  # fmt: skip
-    return "\n".join(lines)

@@ -1,5 +1,10 @@
-"""Robustness evaluation: run an attack suite over chunked batches at several radii and
-report per-attack accuracy, the per-example worst case, throughput, JSON, a table and plots.
+"""Robustness evaluation: run an attack suite on already loaded models, over chunked batches
+at several radii, giving per-attack accuracy, the per-example worst case and throughput.
+
+`run_suite` (RobustBench's ``benchmark(model, ...)``, AutoAttack's ``run_standard_evaluation``)
+takes `Models` (pure ``x -> logits`` functions) and arrays; it knows nothing of checkpoints,
+run directories or datasets (`kwta_jax.workflows.evaluate_run_dirs` composes those), and
+reports are written by `kwta_jax.reports`.
 
 Robust accuracy of an attack at ``eps`` is the share of examples that are classified
 correctly *and* stay correct on the attack's adversarial example. The worst case counts an
@@ -15,17 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
 import time
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from kwta_jax import attacks
+from kwta_jax.attacks.losses import LogitsFn
 from kwta_jax.attacks.projections import check_norm, check_threat_model
+from kwta_jax.layers import iter_kwta_layers, set_kwta_backward
+from kwta_jax.progress import MakeBar, open_bar
 
 __all__ = [
     "ATTACKS",
@@ -37,20 +44,13 @@ __all__ = [
     "Models",
     "build_suite",
     "default_eps",
-    "evaluate_checkpoints",
-    "find_run_dirs",
-    "evaluate",
-    "format_table",
     "models_from_nnx",
     "nnx_logits_fn",
-    "plot_accuracy_vs_eps",
-    "plot_examples",
     "predict",
     "run_attack",
-    "save_json",
+    "run_suite",
+    "skip_reason",
 ]
-
-LogitsFn = Callable[[jax.Array], jax.Array]
 
 # Attack budgets. "default" keeps `attack.py` on the default mnist5k MLP (1,000 images, two
 # models) within minutes on two CPU cores; "strong" is what a paper-grade evaluation needs.
@@ -69,6 +69,15 @@ DEFAULT_EPS: dict[str, tuple[float, ...]] = {
     "mnist": (0.1, 0.15, 0.2, 0.3),
     "cifar": (8 / 255, 0.1),
 }
+
+
+def default_eps(dataset: str) -> tuple[float, ...]:
+    """Default L-inf radii for a dataset name (``mnist*`` or ``cifar*``)."""
+    for prefix, values in DEFAULT_EPS.items():
+        if dataset.lower().startswith(prefix):
+            return values
+    raise ValueError(f"no default eps for dataset {dataset!r}; pass --eps.")
+
 
 # Kinds drive the diagnostics: white-box gradient attacks versus attacks that do not trust the
 # model's own gradient.
@@ -185,8 +194,6 @@ class Models:
 
 def nnx_logits_fn(model) -> LogitsFn:
     """A pure ``x -> logits`` of an NNX model (its state is captured as constants)."""
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
     return lambda x: nnx.merge(graphdef, state)(x)
 
@@ -194,10 +201,6 @@ def nnx_logits_fn(model) -> LogitsFn:
 def models_from_nnx(model, *, source=None, surrogate: str = "identity", name="model") -> Models:
     """`Models` for an NNX ``model`` in eval mode: a BPDA copy (k-WTA backward replaced by
     ``surrogate``) if it has k-WTA layers, and the transfer ``source`` model if given."""
-    from flax import nnx
-
-    from kwta_jax.layers import iter_kwta_layers, set_kwta_backward
-
     bpda_fn = None
     if any(True for _ in iter_kwta_layers(model)):
         bpda_model = nnx.clone(model)
@@ -275,16 +278,14 @@ def run_attack(
     key: jax.Array,
     batch_size: int = 250,
     keep: int = 0,
-    progress: bool = True,
+    progress: MakeBar | None = None,
 ) -> dict:
     """Runs one attack at every radius over ``x [N, H, W, C]``, ``y [N]`` in chunks.
 
     Returns ``{"pred": {eps: [N] int}, "seconds": {eps: float}, "compile_s": float,
     "examples": {eps: x_adv[:keep]}}``. Raises `AttackInvariantError` if an adversarial
-    example leaves its ball or the box.
+    example leaves its ball or the box. ``progress``: a bar factory (`kwta_jax.progress`).
     """
-    from tqdm.auto import tqdm
-
     run = _bind(spec, models)
     n = len(x)
     bs = min(batch_size, n)
@@ -295,10 +296,8 @@ def run_attack(
         .compile()
     )
     out = {"pred": {}, "seconds": {}, "examples": {}, "compile_s": time.perf_counter() - t0}
-    bar = tqdm(
-        total=n * len(eps_values), desc=f"{models.name}:{spec.name}", unit="ex",
-        disable=not progress, leave=False,
-    )  # fmt: skip
+    bar = open_bar(progress, total=n * len(eps_values), desc=f"{models.name}:{spec.name}",
+                   unit="ex")  # fmt: skip
     for ie, eps in enumerate(eps_values):
         preds, kept = [], []
         t0 = time.perf_counter()
@@ -321,7 +320,7 @@ def run_attack(
 
 @dataclasses.dataclass
 class EvalResult:
-    """Outcome of `evaluate`. Arrays are over the ``N`` evaluated examples."""
+    """Outcome of `run_suite`. Arrays are over the ``N`` evaluated examples."""
 
     name: str
     norm: str
@@ -389,7 +388,7 @@ class EvalResult:
         }
 
 
-def evaluate(
+def run_suite(
     models: Models,
     x: np.ndarray,
     y: np.ndarray,
@@ -400,25 +399,26 @@ def evaluate(
     batch_size: int = 250,
     seed: int = 0,
     keep: int = 8,
-    progress: bool = True,
+    progress: MakeBar | None = None,
 ) -> EvalResult:
     """Runs ``suite`` on ``x [N, H, W, C]`` float32 in [0, 1], ``y [N]`` at each radius.
 
     Attack ``i`` gets key ``fold_in(key(seed), i)``, so results are reproducible for a seed.
-    Attacks whose extra model is missing are skipped (listed in ``result.skipped``).
+    Attacks whose extra model is missing are skipped (listed in ``result.skipped``). Each
+    attack shows a bar from ``progress`` (a factory, see `kwta_jax.progress`; ``None``: none).
     """
     check_norm(norm)
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
     if x.ndim != 4 or y.shape != (len(x),):
-        raise ValueError(f"evaluate: need x [N, H, W, C] and y [N]; got {x.shape}, {y.shape}.")
+        raise ValueError(f"run_suite: need x [N, H, W, C] and y [N]; got {x.shape}, {y.shape}.")
     if len(x) == 0:
-        raise ValueError("evaluate: no examples.")
+        raise ValueError("run_suite: no examples.")
     if float(x.min()) < 0.0 or float(x.max()) > 1.0:
-        raise ValueError("evaluate: images must lie in [0, 1].")
+        raise ValueError("run_suite: images must lie in [0, 1].")
     eps_values = [float(e) for e in eps_values]
     if not eps_values or min(eps_values) <= 0:
-        raise ValueError(f"evaluate: eps values must be > 0; got {eps_values}.")
+        raise ValueError(f"run_suite: eps values must be > 0; got {eps_values}.")
     key = jax.random.key(seed)
     res = EvalResult(
         name=models.name, norm=norm, eps_values=eps_values, labels=y.astype(np.int64),
@@ -440,210 +440,3 @@ def evaluate(
         res.kinds[spec.name] = spec.kind
         res.examples[spec.name] = out["examples"]
     return res
-
-
-# --------------------------------------------------------------------------------------------
-# Reporting.
-# --------------------------------------------------------------------------------------------
-
-
-def _fmt_eps(e: float) -> str:
-    """``8/255`` for multiples of 1/255 that are not round decimals, else ``0.1``."""
-    k = round(e * 255)
-    if math.isclose(e * 255, k, abs_tol=1e-6) and not math.isclose(e * 100, round(e * 100)):
-        return f"{k}/255"
-    return f"{e:g}"
-
-
-def format_table(res: EvalResult) -> str:
-    """A text table: one row per attack (accuracy in % at each eps, examples/s), then the
-    per-example worst case."""
-    cols = [_fmt_eps(e) for e in res.eps_values]
-    w = max([len("worst case (all attacks)")] + [len(a) for a in res.pred]) + 2
-    head = f"{'attack':<{w}}{'kind':<15}" + "".join(f"{c:>9}" for c in cols) + f"{'ex/s':>10}"
-    lines = [
-        f"{res.name}: {res.norm} robust accuracy (%) on {res.n} examples; "
-        f"clean {100 * res.clean_correct.mean():.1f}%",
-        head,
-        "-" * len(head),
-    ]
-    for a in res.pred:
-        accs = "".join(f"{100 * res.accuracy(a, e):>9.1f}" for e in res.eps_values)
-        lines.append(f"{a:<{w}}{res.kinds[a]:<15}{accs}{res.throughput(a):>10.0f}")
-    lines.append("-" * len(head))
-    accs = "".join(f"{100 * res.worst_accuracy(e):>9.1f}" for e in res.eps_values)
-    lines.append(f"{'worst case (all attacks)':<{w}}{'':<15}{accs}")
-    for a, why in res.skipped.items():
-        lines.append(f"(skipped {a}: {why})")
-    return "\n".join(lines)
-
-
-def save_json(payload: dict, path) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=float)
-
-
-def plot_accuracy_vs_eps(results: Sequence[EvalResult], path) -> None:
-    """PNG: robust accuracy vs eps, one panel per model, one line per attack, worst case
-    in black."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
-    for ax, res in zip(axes[0], results, strict=True):
-        eps = res.eps_values
-        for a in res.pred:
-            ax.plot(eps, [100 * res.accuracy(a, e) for e in eps], marker="o", label=a)
-        ax.plot(eps, [100 * res.worst_accuracy(e) for e in eps], "k--", lw=2.5,
-                marker="s", label="worst case")  # fmt: skip
-        ax.set_title(f"{res.name} (clean {100 * res.clean_correct.mean():.1f}%)")
-        ax.set(xlabel=f"eps ({res.norm})", ylabel="robust accuracy (%)", ylim=(-2, 102))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_examples(res: EvalResult, path, *, eps: float | None = None, rows: int = 6) -> None:
-    """PNG grid: clean images and each attack's adversarial image at ``eps`` (default the
-    largest), titled with the prediction (red when wrong)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    eps = res.eps_values[-1] if eps is None else eps
-    rows = min(rows, len(res.clean_examples))
-    cols = ["clean"] + list(res.pred)
-    fig, axes = plt.subplots(rows, len(cols), figsize=(1.4 * len(cols), 1.5 * rows),
-                             squeeze=False)  # fmt: skip
-    for r in range(rows):
-        for c, name in enumerate(cols):
-            ax = axes[r, c]
-            if name == "clean":
-                img, pred = res.clean_examples[r], res.clean_pred[r]
-            else:
-                img, pred = res.examples[name][eps][r], res.pred[name][eps][r]
-            cmap = "gray" if img.shape[-1] == 1 else None
-            ax.imshow(np.clip(img.squeeze(-1) if img.shape[-1] == 1 else img, 0, 1), cmap=cmap,
-                      vmin=0, vmax=1)  # fmt: skip
-            ax.set_title(f"{name}\npred {pred}" if r == 0 else f"pred {pred}", fontsize=7,
-                         color="black" if pred == res.labels[r] else "red")  # fmt: skip
-            ax.axis("off")
-    fig.suptitle(f"{res.name}: {res.norm} eps={_fmt_eps(eps)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints written by train.py (what attack.py runs).
-# --------------------------------------------------------------------------------------------
-
-
-def find_run_dirs(path) -> list:
-    """Run directories under ``path``: ``[path]`` if it holds a ``config.json``, else its
-    sub-directories that do (sorted). Raises ``FileNotFoundError`` if there are none."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"run directory {str(path)!r} does not exist.")
-    if (path / "config.json").is_file():
-        return [path]
-    runs = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
-    if not runs:
-        raise FileNotFoundError(
-            f"{str(path)!r} has no config.json and no sub-directory with one; pass a run "
-            "directory written by train.py (e.g. runs/default/kwta) or its parent."
-        )
-    return runs
-
-
-def default_eps(dataset: str) -> tuple[float, ...]:
-    """Default L-inf radii for a dataset name (``mnist*`` or ``cifar*``)."""
-    for prefix, values in DEFAULT_EPS.items():
-        if dataset.lower().startswith(prefix):
-            return values
-    raise ValueError(f"no default eps for dataset {dataset!r}; pass --eps.")
-
-
-def evaluate_checkpoints(
-    path,
-    *,
-    attack_names: Sequence[str] = DEFAULT_SUITE,
-    eps_values: Sequence[float] | None = None,
-    norm: str = "linf",
-    n_examples: int = 1000,
-    batch_size: int = 250,
-    seed: int = 0,
-    budget: str = "default",
-    surrogate: str = "identity",
-    out=None,
-    diagnose: bool = True,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Evaluates every run under ``path`` (see `find_run_dirs`) and writes the report.
-
-    With several runs, the ReLU one (``config["act"] == "relu"``) is the transfer surrogate
-    of the others. Writes ``out/results.json``, ``out/accuracy_vs_eps.png`` and
-    ``out/examples_<run>.png`` (``out`` defaults to ``path/attack``); logs the table, the
-    worst case and the diagnostics. Returns the JSON payload.
-    """
-    from pathlib import Path
-
-    from kwta_jax import checkpointing, data
-    from kwta_jax.diagnostics import format_flags, run_diagnostics
-
-    suite = build_suite(attack_names, norm=norm, budget=budget)
-    runs = find_run_dirs(path)
-    loaded = {}
-    for run in runs:
-        model, config = checkpointing.load_trained_model(run)
-        loaded[run] = (model, config)
-    relu = [r for r, (_, c) in loaded.items() if str(c.get("act", "")).lower() == "relu"]
-    source = loaded[relu[0]][0] if relu else None
-    out = Path(out) if out is not None else Path(path) / "attack"
-    out.mkdir(parents=True, exist_ok=True)
-
-    payload = {"path": str(path), "budget": budget, "seed": seed, "runs": []}
-    results, datasets = [], {}
-    for run, (model, config) in loaded.items():
-        name = f"{run.name} ({config.get('act', '?')})"
-        # The test split is a function of these fields (the split of mnist5k is seeded).
-        split = {k: config.get(k) for k in ("data_dir", "seed", "test_size", "max_test")}
-        split = {k: v for k, v in split.items() if v is not None}
-        ds_key = (config["dataset"], tuple(sorted(split.items())))
-        if ds_key not in datasets:
-            datasets[ds_key] = data.load_dataset(config["dataset"], **split)
-        ds = datasets[ds_key]
-        x = np.asarray(ds.test_images[:n_examples], np.float32)
-        y = np.asarray(ds.test_labels[:n_examples], np.int32)
-        eps = list(eps_values) if eps_values else list(default_eps(config["dataset"]))
-        models = models_from_nnx(
-            model, source=None if run in relu[:1] else source, surrogate=surrogate, name=name
-        )
-        log(f"\n== {name}: {config['dataset']}, {len(x)} test examples, {norm} eps {eps}")
-        t0 = time.perf_counter()
-        res = evaluate(models, x, y, suite=suite, eps_values=eps, norm=norm,
-                       batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
-        res.extra["run_dir"] = str(run)
-        res.extra["config"] = config
-        log(format_table(res))
-        if diagnose:
-            flags = run_diagnostics(models, res, x, y, batch_size=batch_size, seed=seed)
-            res.extra["flags"] = [f.to_dict() for f in flags]
-            log(format_flags(flags, name))
-        res.extra["wall_seconds"] = time.perf_counter() - t0
-        log(f"({res.extra['wall_seconds']:.0f} s)")
-        results.append(res)
-        payload["runs"].append(res.to_dict())
-        plot_examples(res, out / f"examples_{run.name}.png")
-    plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
-    save_json(payload, out / "results.json")
-    log(f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_eps.png'} and example grids")
-    return payload

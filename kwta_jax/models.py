@@ -32,30 +32,41 @@ Models (``create_model(name, ...)``):
   conv64 - BN - ReLU, four stages of two basic blocks (64, 128, 256, 512), each block
   ``conv-BN-act-conv-BN (+ shortcut) - act``, global average pool, dense. With ``act="kwta"``
   k-WTA follows the first BatchNorm and the residual add of every block (``ReLU`` in the stem).
+
+A `ModelSpec` is what a run directory stores of its model; `build_model` turns it (and a seed)
+into an initialised model, `build_model_from_config` does the same from a ``config.json`` dict,
+and `split_model` separates trainable parameters from the rest of the state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kwta_jax.layers import KWTA
+from kwta_jax.layers import KWTA, iter_kwta_layers, set_kwta_ratio
 
 __all__ = [
     "ACTIVATIONS",
+    "KWTA_SCOPES",
     "MODELS",
     "CNN",
     "KWTAReLU",
     "MLP",
     "ModelSpec",
     "ResNet18",
+    "build_model",
+    "build_model_from_config",
     "create_model",
     "make_activation",
+    "split_model",
 ]
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "kwta", "kwta_relu")
@@ -259,18 +270,38 @@ class ResNet18(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Everything `create_model` needs, JSON-friendly (stored in ``config.json``)."""
+    """Everything `create_model` needs, JSON-friendly: a run's ``config.json`` stores it as
+    ``model`` (the name) and ``model_kwargs`` (`to_kwargs`). Defaults are `create_model`'s."""
 
     name: str
-    act: str
-    ratio: float
-    groups: str
-    num_classes: int
-    input_shape: tuple[int, ...]
+    act: str = "relu"
+    ratio: float = 0.1
+    groups: str = "sample"
+    num_classes: int = 10
+    input_shape: tuple[int, ...] = (28, 28, 1)
     kwta_scope: str = "dense"
     conv_ratio: float | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> ModelSpec:
+        """The spec of a ``config.json`` dict (its ``model`` and ``model_kwargs``)."""
+        kwargs = dict(config["model_kwargs"])
+        for name in ("input_shape", "mean", "std"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = tuple(kwargs[name])
+        return cls(name=config["model"], **kwargs)
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The `create_model` keywords (``config.json``'s ``model_kwargs``; lists, not tuples,
+        so the JSON round trip is the identity)."""
+        as_list = lambda v: None if v is None else list(v)  # noqa: E731
+        return dict(
+            act=self.act, ratio=self.ratio, groups=self.groups, num_classes=self.num_classes,
+            input_shape=list(self.input_shape), kwta_scope=self.kwta_scope,
+            conv_ratio=self.conv_ratio, mean=as_list(self.mean), std=as_list(self.std),
+        )  # fmt: skip
 
 
 def create_model(
@@ -323,3 +354,72 @@ def create_model(
     if input_shape[0] < 8 or input_shape[1] < 8:
         raise ValueError(f"resnet18 needs images of at least 8x8; got {input_shape}.")
     return ResNet18(**common, groups=groups)
+
+
+# --------------------------------------------------------------------------------------------
+# Building a model from its spec (what training and loading a run both need).
+# --------------------------------------------------------------------------------------------
+
+# Activation options hold no variables, so they are left out of the initializer's cache key.
+_ACT_KWARGS = ("act", "ratio", "groups", "kwta_scope", "conv_ratio")
+
+
+def _rngs(seed: int) -> nnx.Rngs:
+    return nnx.Rngs(params=jax.random.key(seed), dropout=jax.random.key(seed + 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _state_initializer(name: str, kwargs_json: str) -> Callable[[jax.Array], nnx.State]:
+    """Jitted ``seed -> nnx.State`` of a freshly initialised model, cached per architecture.
+
+    The activation holds no variables, so it is fixed to ReLU here: the ReLU and k-WTA
+    versions of a model get the same initial parameters for a seed and share one compilation
+    (eager or per-model initialisation compiles every initializer separately: seconds on a
+    small CPU).
+    """
+    kwargs = dict(json.loads(kwargs_json), act="relu")
+
+    def init(seed):
+        return nnx.state(create_model(name, **kwargs, rngs=_rngs(seed)))
+
+    return jax.jit(init)
+
+
+def build_model(
+    spec: ModelSpec, *, seed: int = 0, ratio: float | None = None, abstract: bool = False
+) -> nnx.Module:
+    """The model of ``spec`` in train mode, its parameters initialised from ``seed``.
+
+    Parameters come from one jitted call, shared by every activation of the same
+    architecture. ``abstract=True`` returns the model with `jax.ShapeDtypeStruct` leaves (no
+    compute; fill it from a checkpoint). ``ratio`` (if given and the model has k-WTA layers)
+    replaces the initial k-WTA ratio, e.g. the annealed ratio of a checkpoint.
+    """
+    kwargs = spec.to_kwargs()
+    model = nnx.eval_shape(lambda: create_model(spec.name, **kwargs, rngs=_rngs(seed)))
+    if not abstract:
+        graphdef, abstract_state = nnx.split(model)
+        arch = {k: v for k, v in kwargs.items() if k not in _ACT_KWARGS}
+        init = _state_initializer(spec.name, json.dumps(arch, sort_keys=True))
+        state = init(jnp.int32(seed))
+        if jax.tree.structure(state) != jax.tree.structure(abstract_state):
+            raise AssertionError(f"{spec.name}: the activation changed the variables.")
+        model = nnx.merge(graphdef, state)
+    if ratio is not None and any(True for _ in iter_kwta_layers(model)):
+        set_kwta_ratio(model, ratio)
+    return model
+
+
+def build_model_from_config(
+    config: Mapping[str, Any], *, ratio: float | None = None, abstract: bool = False
+) -> nnx.Module:
+    """The model of a ``config.json`` dict (``model``, ``model_kwargs``, ``seed``), in train
+    mode; see `build_model` for ``ratio`` and ``abstract``."""
+    spec = ModelSpec.from_run_config(config)
+    return build_model(spec, seed=int(config.get("seed", 0)), ratio=ratio, abstract=abstract)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, params, rest)``: trainable parameters and all other state (BatchNorm
+    statistics, dropout RNG keys and counters)."""
+    return nnx.split(model, nnx.Param, ...)

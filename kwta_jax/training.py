@@ -1,12 +1,12 @@
-"""Training: config dataclass, optimisers, jitted train/eval steps, the epoch loop with
-checkpoints and resume, sparsity annealing, adversarial training and the ReLU-vs-k-WTA
-comparison that ``train.py`` runs.
+"""Training: the optimiser, the jitted train/eval steps on a device mesh, sparsity annealing
+and the epoch loop.
 
 Design (flax-examples style, functional core):
 
-* The model is split once into ``(graphdef, params, rest)`` (`split_model`); the step
-  functions are pure ``jax.jit`` functions of a `TrainState` pytree, so there is no Python
-  graph traversal per step. ``rest`` holds BatchNorm statistics and dropout RNG counters.
+* The model is split once into ``(graphdef, params, rest)`` (`kwta_jax.models.split_model`);
+  the step functions are pure ``jax.jit`` functions of a `TrainState` pytree, so there is no
+  Python graph traversal per step. ``rest`` holds BatchNorm statistics and dropout RNG
+  counters.
 * The k-WTA ratio is a static attribute of the graph: sparsity annealing calls
   `kwta_jax.layers.set_kwta_ratio` on the template model and re-splits it, which re-traces the
   steps once per ratio (cached) and leaves parameters and optimizer state untouched.
@@ -19,20 +19,16 @@ Design (flax-examples style, functional core):
   sharded over it and the state is replicated; XLA inserts the gradient all-reduce. With
   several processes (`initialize_distributed`) each process feeds its slice of the global
   batch.
+* The loop (`train_epochs`) yields after every epoch and writes nothing: run directories,
+  checkpoints, datasets and the adversarial perturbation (a ``perturb_fn`` it receives) are
+  composed around it by `kwta_jax.workflows.train_and_evaluate`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import math
-import os
-import shutil
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,177 +39,35 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kwta_jax import data as data_lib
-from kwta_jax.checkpointing import Checkpointer, unflatten_tree
+from kwta_jax.config import OPTIMIZERS, TrainConfig
 from kwta_jax.layers import iter_kwta_layers, set_kwta_ratio
-from kwta_jax.models import ACTIVATIONS, KWTA_SCOPES, MODELS, create_model
+from kwta_jax.models import ModelSpec, build_model, split_model
+from kwta_jax.progress import Bar, MakeBar, open_bar
 
 __all__ = [
-    "DEFAULT_FGSM_EPS",
     "OPTIMIZERS",
     "PerturbFn",
-    "RunDirError",
-    "RunResult",
     "StepFns",
     "TrainConfig",
     "TrainState",
     "anneal_ratio",
-    "build_model_from_config",
-    "check_run_dir",
+    "check_mesh_fits",
     "create_optimizer",
     "eval_step",
     "evaluate_dataset",
-    "fgsm_comparison",
-    "format_comparison",
+    "init_train_state",
     "initialize_distributed",
     "make_mesh",
-    "make_pgd_perturb",
-    "run_comparison",
-    "split_model",
+    "model_spec",
     "time_train_step",
-    "train_and_evaluate",
+    "train_epochs",
     "train_step",
+    "trained_model",
 ]
 
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
-DEFAULT_FGSM_EPS: tuple[float, ...] = (0.1, 0.15, 0.2)
-
-# perturb_fn(logits_fn, x [B,H,W,C], y [B], key) -> x_adv [B,H,W,C] (the attack signature of
-# kwta_jax.attacks with eps etc. bound).
+# perturb_fn(logits_fn, x [B,H,W,C], y [B], key) -> x_adv [B,H,W,C]: the attack signature of
+# kwta_jax.attacks with eps etc. bound (the caller binds one; training imports no attack).
 PerturbFn = Callable[[Callable[[jax.Array], jax.Array], jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-class RunDirError(ValueError):
-    """A run directory cannot be used as asked (existing run without --resume, config clash)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run (JSON-serialisable; stored in ``config.json``).
-
-    ``None`` means "the default for this model" and is filled in by `resolved`:
-    ``optimizer`` ``"adam"`` (``"sgd"`` for resnet18), ``lr`` 1e-3 (adam) / 0.1 (sgd),
-    ``weight_decay`` 0 (adam) / 5e-4 (sgd).
-
-    ``anneal=(start, end, every)``: the k-WTA ratio moves linearly from ``start`` to ``end``
-    in steps every ``every`` epochs, reaching ``end`` in the last stage (``ratio`` is then
-    ``end``). ``adv_eps > 0`` turns on PGD adversarial training (L-inf, ``adv_steps`` steps of
-    ``adv_step_size``, default ``2.5 * adv_eps / adv_steps``).
-    """
-
-    dataset: str = "mnist5k"
-    model: str = "mlp"
-    act: str = "kwta"
-    ratio: float = 0.1
-    groups: str = "sample"
-    kwta_scope: str = "dense"
-    conv_ratio: float | None = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float | None = None
-    optimizer: str | None = None
-    weight_decay: float | None = None
-    momentum: float = 0.9
-    anneal: tuple[float, float, int] | None = None
-    adv_eps: float = 0.0
-    adv_steps: int = 7
-    adv_step_size: float | None = None
-    seed: int = 0
-    data_dir: str | None = None
-    test_size: int = 1000
-    max_train: int | None = None
-    max_test: int | None = None
-
-    def resolved(self) -> TrainConfig:
-        """A copy with every ``None`` default filled in for this model."""
-        opt = self.optimizer or ("sgd" if self.model == "resnet18" else "adam")
-        lr = self.lr if self.lr is not None else (0.1 if opt == "sgd" else 1e-3)
-        wd = self.weight_decay if self.weight_decay is not None else (5e-4 if opt == "sgd" else 0.0)
-        anneal = None if self.anneal is None else tuple(self.anneal)
-        if anneal is not None:
-            anneal = (float(anneal[0]), float(anneal[1]), int(anneal[2]))
-        ratio = anneal[1] if anneal is not None else self.ratio
-        step = self.adv_step_size
-        if self.adv_eps > 0 and step is None:
-            step = 2.5 * self.adv_eps / self.adv_steps
-        return dataclasses.replace(
-            self, optimizer=opt, lr=float(lr), weight_decay=float(wd), anneal=anneal,
-            ratio=float(ratio), adv_step_size=step,
-        )  # fmt: skip
-
-    def validate(self) -> None:
-        """Raises ValueError with a clear message for any invalid field."""
-        errors = []
-        if self.dataset not in data_lib.DATASETS:
-            errors.append(f"unknown dataset {self.dataset!r} (choose from {data_lib.DATASETS})")
-        if self.model not in MODELS:
-            errors.append(f"unknown model {self.model!r} (choose from {MODELS})")
-        if self.act not in ACTIVATIONS:
-            errors.append(f"unknown activation {self.act!r} (choose from {ACTIVATIONS})")
-        for name in ("ratio", "conv_ratio"):
-            r = getattr(self, name)
-            if r is not None and not 0.0 < r <= 1.0:
-                errors.append(f"{name} must be in (0, 1]; got {r}")
-        if self.groups not in ("sample", "channel"):
-            errors.append(f"groups must be 'sample' or 'channel'; got {self.groups!r}")
-        if self.kwta_scope not in KWTA_SCOPES:
-            errors.append(f"kwta_scope must be one of {KWTA_SCOPES}; got {self.kwta_scope!r}")
-        if self.epochs < 1:
-            errors.append(f"epochs must be >= 1; got {self.epochs}")
-        if self.batch_size < 1:
-            errors.append(f"batch size must be >= 1; got {self.batch_size}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            errors.append(f"learning rate must be a positive number; got {self.lr}")
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            errors.append(f"unknown optimizer {self.optimizer!r} (choose from {OPTIMIZERS})")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            errors.append(f"weight decay must be >= 0; got {self.weight_decay}")
-        if not 0.0 <= self.momentum < 1.0:
-            errors.append(f"momentum must be in [0, 1); got {self.momentum}")
-        if self.anneal is not None:
-            if len(self.anneal) != 3:
-                errors.append(f"anneal must be (start, end, every); got {self.anneal}")
-            else:
-                start, end, every = self.anneal
-                if not (0 < start <= 1 and 0 < end <= 1):
-                    errors.append(f"anneal ratios must be in (0, 1]; got {start}, {end}")
-                if int(every) != every or every < 1:
-                    errors.append(f"anneal step interval must be an integer >= 1; got {every}")
-        if self.adv_eps < 0:
-            errors.append(f"adversarial-training eps must be >= 0; got {self.adv_eps}")
-        if self.adv_steps < 1:
-            errors.append(f"adversarial-training steps must be >= 1; got {self.adv_steps}")
-        if self.adv_step_size is not None and self.adv_step_size <= 0:
-            errors.append(f"adversarial-training step size must be > 0; got {self.adv_step_size}")
-        if self.model == "mlp" and self.groups == "channel" and self.act != "relu":
-            errors.append("groups='channel' needs convolutional feature maps; mlp has none")
-        if self.model == "resnet18" and self.dataset in ("mnist5k", "mnist", "fashion_mnist"):
-            pass  # works (28x28 inputs), just not what the paper did
-        if not 0 < self.test_size < 5000:
-            errors.append(f"test_size must be in (0, 5000); got {self.test_size}")
-        for name in ("max_train", "max_test"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                errors.append(f"{name} must be >= 1; got {v}")
-        if errors:
-            raise ValueError("invalid training configuration: " + "; ".join(errors) + ".")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["anneal"] = None if self.anneal is None else list(self.anneal)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if kw.get("anneal") is not None:
-            kw["anneal"] = tuple(kw["anneal"])
-        return cls(**kw)
 
 
 def anneal_ratio(config: TrainConfig, epoch: int) -> float:
@@ -252,73 +106,16 @@ def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.Gradien
 # --------------------------------------------------------------------------------------------
 
 
-def model_kwargs(config: TrainConfig, dataset: data_lib.Dataset) -> dict:
-    """Keyword arguments of `create_model` for ``config`` on ``dataset`` (JSON-friendly)."""
+def model_spec(config: TrainConfig, dataset: data_lib.Dataset) -> ModelSpec:
+    """The `ModelSpec` of ``config`` on ``dataset`` (initial k-WTA ratio, the dataset's shape,
+    classes and normalisation)."""
     mean, std = data_lib.NORMALIZATION[dataset.name]
-    return dict(
-        act=config.act, ratio=anneal_ratio(config, 0), groups=config.groups,
-        num_classes=int(dataset.num_classes), input_shape=list(dataset.input_shape),
-        kwta_scope=config.kwta_scope, conv_ratio=config.conv_ratio,
-        mean=list(mean), std=list(std),
+    return ModelSpec(
+        name=config.model, act=config.act, ratio=anneal_ratio(config, 0), groups=config.groups,
+        num_classes=int(dataset.num_classes), input_shape=tuple(dataset.input_shape),
+        kwta_scope=config.kwta_scope, conv_ratio=config.conv_ratio, mean=tuple(mean),
+        std=tuple(std),
     )  # fmt: skip
-
-
-_ACT_KWARGS = ("act", "ratio", "groups", "kwta_scope", "conv_ratio")
-
-
-@functools.lru_cache(maxsize=16)
-def _state_initializer(name: str, kwargs_json: str) -> Callable[[jax.Array], nnx.State]:
-    """Jitted ``seed -> nnx.State`` of a freshly initialised model, cached per architecture.
-
-    The activation holds no variables, so it is fixed to ReLU here: the ReLU and k-WTA
-    versions of a model get the same initial parameters for a seed and share one compilation
-    (eager or per-model initialisation compiles every initializer separately: seconds on a
-    small CPU).
-    """
-    kwargs = dict(json.loads(kwargs_json), act="relu")
-
-    def init(seed):
-        rngs = nnx.Rngs(params=jax.random.key(seed), dropout=jax.random.key(seed + 1))
-        return nnx.state(create_model(name, **kwargs, rngs=rngs))
-
-    return jax.jit(init)
-
-
-def build_model_from_config(
-    config: dict, *, ratio: float | None = None, abstract: bool = False
-) -> nnx.Module:
-    """The model of a ``config.json`` dict (``model`` + ``model_kwargs``), in train mode.
-
-    Parameters are initialised from ``seed`` by one jitted call (shared by every activation of
-    the same architecture). ``abstract=True`` returns the model with `jax.ShapeDtypeStruct`
-    leaves (no compute; fill it from a checkpoint). ``ratio`` (if given and the model has k-WTA
-    layers) replaces the initial k-WTA ratio, e.g. the annealed ratio of a checkpoint.
-    """
-    kwargs = dict(config["model_kwargs"])
-    seed = int(config.get("seed", 0))
-    model = nnx.eval_shape(
-        lambda: create_model(config["model"], **kwargs,
-                             rngs=nnx.Rngs(params=jax.random.key(seed),
-                                           dropout=jax.random.key(seed + 1)))
-    )  # fmt: skip
-    if not abstract:
-        graphdef, abstract_state = nnx.split(model)
-        # Activation options hold no variables: leave them out of the cache key.
-        arch = {k: v for k, v in kwargs.items() if k not in _ACT_KWARGS}
-        init = _state_initializer(config["model"], json.dumps(arch, sort_keys=True))
-        state = init(jnp.int32(seed))
-        if jax.tree.structure(state) != jax.tree.structure(abstract_state):
-            raise AssertionError(f"{config['model']}: the activation changed the variables.")
-        model = nnx.merge(graphdef, state)
-    if ratio is not None and any(True for _ in iter_kwta_layers(model)):
-        set_kwta_ratio(model, ratio)
-    return model
-
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """``(graphdef, params, rest)``: trainable parameters and all other state (BatchNorm
-    statistics, dropout RNG keys and counters)."""
-    return nnx.split(model, nnx.Param, ...)
 
 
 @struct.dataclass
@@ -334,6 +131,16 @@ class TrainState:
     rest: nnx.State
     opt_state: optax.OptState
     key: jax.Array
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0 of training ``model`` with ``tx``: its parameters and other state, a fresh
+    optimizer state and the perturbation key of ``seed``."""
+    _, params, rest = split_model(model)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
+        key=jax.random.key(seed),
+    )  # fmt: skip
 
 
 def _weighted_ce(logits, labels, weights):
@@ -428,6 +235,15 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), ("batch",))
 
 
+def check_mesh_fits(batch_size: int, mesh: Mesh) -> None:
+    """Raises ValueError unless ``batch_size`` splits evenly over the ``mesh`` devices."""
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"batch size {batch_size} must be a multiple of the {mesh.size} devices "
+            "(data parallelism splits every batch evenly)."
+        )
+
+
 def _put_batch(batch: data_lib.Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
     """Global batch (identical on every process) -> arrays sharded over the batch axis; each
     process contributes its contiguous slice."""
@@ -481,398 +297,114 @@ def evaluate_dataset(
     return {"loss": float(acc["loss_sum"]) / n, "accuracy": float(acc["correct"]) / n}
 
 
-def make_pgd_perturb(eps: float, steps: int, step_size: float) -> PerturbFn:
-    """PGD (L-inf, random start) of `kwta_jax.attacks.pgd` as a ``perturb_fn``."""
-    from kwta_jax.attacks import pgd
-
-    return functools.partial(pgd, eps=eps, steps=steps, step_size=step_size)
-
-
 # --------------------------------------------------------------------------------------------
-# Run directory.
+# The epoch loop.
 # --------------------------------------------------------------------------------------------
 
-RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "checkpoints")
+
+def _train_epoch(
+    steps: StepFns, state: TrainState, dataset: data_lib.Dataset, config: TrainConfig,
+    epoch: int, bar: Bar, *, show_loss: bool,
+) -> tuple[TrainState, dict[str, np.ndarray]]:  # fmt: skip
+    """One pass over the training set in the order of ``(config.seed, epoch)``; returns the
+    new state and the epoch's summed ``loss_sum``, ``correct``, ``count`` (host)."""
+    n_batches = data_lib.num_batches(len(dataset.train_labels), config.batch_size)
+    batches = data_lib.iterate_batches(
+        dataset.train_images, dataset.train_labels, config.batch_size, shuffle=True,
+        seed=config.seed, epoch=epoch,
+    )  # fmt: skip
+    sums = None
+    for i, batch in enumerate(batches):
+        state, m = steps.train(state, _put_batch(batch, steps.data))
+        sums = _sum_metrics(sums, m)
+        # Reading the loss waits for the device: only for a bar someone sees, every 10 steps.
+        if show_loss and (i % 10 == 0 or i == n_batches - 1):
+            bar.set_postfix(loss=f"{float(m['loss_sum'] / m['count']):.4f}")
+        bar.update()
+    return state, jax.device_get(sums)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _comparable(config: dict) -> dict:
-    # Training longer (--epochs) on resume is allowed; everything else must match.
-    ignore = {"epochs", "kwta_jax_version", "created_at"}
-    return {k: v for k, v in config.items() if k not in ignore}
-
-
-def check_run_dir(run_dir, config: TrainConfig, *, resume: bool, overwrite: bool) -> str:
-    """Decides what to do with ``run_dir`` before any work: ``"new"``, ``"resume"`` or
-    ``"overwrite"``. Raises `RunDirError` if it holds a run and neither flag is set, or if
-    ``resume`` finds a run with a different configuration."""
-    run_dir = Path(run_dir)
-    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if not existing:
-        return "new"
-    if overwrite:
-        return "overwrite"
-    if not resume:
-        raise RunDirError(
-            f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue "
-            "it, --overwrite to start over, or choose another --out."
-        )
-    cfg_path = run_dir / "config.json"
-    if cfg_path.exists():
-        try:
-            saved = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            saved = None
-        if saved is not None:
-            current = config.resolved().to_dict()
-            diff = sorted(k for k in _comparable(current) if k in saved and saved[k] != current[k])
-            if diff:
-                details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in diff)
-                raise RunDirError(
-                    f"cannot resume {run_dir}: its configuration differs ({details}). Resume "
-                    "with the original options or use --overwrite / another --out."
-                )
-    return "resume"
-
-
-def _clear_run_dir(run_dir: Path) -> None:
-    """Removes only the files a run writes (never other content of the directory)."""
-    for name in RUN_FILES:
-        p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-@dataclasses.dataclass
-class RunResult:
-    """Outcome of `train_and_evaluate`.
-
-    ``model``: trained ``nnx.Module`` in eval mode. ``config``: the ``config.json`` dict.
-    ``history``: one dict per epoch (as in ``metrics.jsonl``). ``resumed_from``: epoch the run
-    resumed after (``None`` for a fresh run).
-    """
-
-    model: nnx.Module
-    config: dict
-    history: list[dict]
-    run_dir: Path
-    resumed_from: int | None = None
-
-    @property
-    def final(self) -> dict:
-        return self.history[-1] if self.history else {}
-
-
-def _log_default(msg: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(msg)
-
-
-def train_and_evaluate(
+def train_epochs(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    dataset: data_lib.Dataset,
     config: TrainConfig,
-    run_dir,
     *,
-    resume: bool = False,
-    overwrite: bool = False,
-    dataset: data_lib.Dataset | None = None,
+    mesh: Mesh,
     perturb_fn: PerturbFn | None = None,
-    mesh: Mesh | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-    stop_after_epochs: int | None = None,
-) -> RunResult:
-    """Trains one model into ``run_dir`` with a checkpoint after every epoch.
+    start_epoch: int = 0,
+    progress: MakeBar | None = None,
+) -> Iterator[tuple[TrainState, dict]]:
+    """Trains the epochs ``start_epoch .. config.epochs - 1`` and yields ``(state, record)``
+    after each; the caller checkpoints, logs, or stops by leaving the loop.
 
     Args:
-      config: the run's `TrainConfig` (validated here).
-      run_dir: output directory (``config.json``, ``metrics.jsonl``, ``checkpoints/``,
-        ``curves.png``).
-      resume: continue from the newest good checkpoint in ``run_dir`` (a fresh start if there
-        is none). Corrupt newer steps are moved aside and reported.
-      overwrite: delete a previous run's files in ``run_dir`` first.
-      dataset: a loaded dataset (default: `load_dataset` of the config).
-      perturb_fn: adversarial-training perturbation; default: PGD from ``config.adv_*`` when
-        ``config.adv_eps > 0``, else none.
-      mesh: device mesh (default: all devices, `make_mesh`).
-      progress: show tqdm bars.
-      log: one-line messages (default: ``tqdm.write``).
-      stop_after_epochs: stop (as if killed) after this many epochs of this call (tests).
+      model: the train-mode template of ``state`` (its k-WTA ratio is set per epoch:
+        annealing).
+      tx, state: the optimizer and the `TrainState` to start from (replicated over ``mesh``
+        here).
+      dataset: training and test arrays; the test set is evaluated after every epoch.
+      config: the resolved `TrainConfig` (batch size, seed, epochs, annealing).
+      mesh: the devices (`make_mesh`); ``config.batch_size`` must split over them.
+      perturb_fn: adversarial-training perturbation, see `train_step`.
+      progress: a bar factory for each epoch's steps (`kwta_jax.progress`).
 
-    Returns:
-      `RunResult` with the trained eval-mode model.
+    Yields:
+      The state after the epoch and its ``metrics.jsonl`` record: ``epoch`` (1-based),
+      ``step``, ``kwta_ratio`` (``None`` without k-WTA), train/test loss and accuracy,
+      ``train_seconds``, ``step_ms``, ``epoch_seconds``.
     """
-    from tqdm.auto import tqdm
-
-    from kwta_jax import plotting
-
-    log = log or _log_default
-    config = config.resolved()
-    config.validate()
-    run_dir = Path(run_dir)
-    mode = check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
-    mesh = mesh or make_mesh()
-    if config.batch_size % mesh.size:
-        raise ValueError(
-            f"batch size {config.batch_size} must be a multiple of the {mesh.size} devices "
-            "(data parallelism splits every batch evenly)."
-        )
-    if dataset is None:
-        dataset = data_lib.load_dataset(
-            config.dataset, data_dir=config.data_dir, seed=config.seed,
-            test_size=config.test_size, max_train=config.max_train, max_test=config.max_test,
-        )  # fmt: skip
-    if mode == "overwrite":
-        _clear_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    config_dict = config.to_dict()
-    config_dict["model_kwargs"] = model_kwargs(config, dataset)
-    config_dict["kwta_jax_version"] = _version()
-    model = build_model_from_config(config_dict)
     has_kwta = any(True for _ in iter_kwta_layers(model))
-    n_train = len(dataset.train_labels)
-    steps_per_epoch = data_lib.num_batches(n_train, config.batch_size)
-    tx = create_optimizer(config, steps_per_epoch)
-    _, params, rest = split_model(model)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
-        key=jax.random.key(config.seed),
-    )  # fmt: skip
-    if perturb_fn is None and config.adv_eps > 0:
-        perturb_fn = make_pgd_perturb(config.adv_eps, config.adv_steps, config.adv_step_size)
-
-    ckpt = Checkpointer(run_dir)
-    start_epoch, history, resumed_from = 0, [], None
-    try:
-        if mode == "resume" and ckpt.steps():
-            step, restored, bad = ckpt.restore_latest(log=log)
-            for b in bad:
-                log(f"moved corrupt checkpoint aside: {ckpt.quarantine(b)}")
-            meta = restored["meta"]
-            params, rest = unflatten_tree(
-                (state.params, state.rest), restored["model"], meta["model_spec"]
-            )
-            step_arr, opt_state, key = unflatten_tree(
-                (state.step, state.opt_state, state.key), restored["train"], meta["train_spec"]
-            )
-            state = TrainState(step=step_arr, params=params, rest=rest, opt_state=opt_state,
-                               key=key)  # fmt: skip
-            start_epoch = int(meta["data_position"]["epoch"])
-            history = [h for h in meta["history"] if h["epoch"] <= start_epoch]
-            resumed_from = start_epoch
-            log(f"{run_dir}: resumed after epoch {start_epoch} (step {int(step_arr)}).")
-        elif mode == "resume":
-            log(f"{run_dir}: no finished checkpoint to resume; starting from scratch.")
-
-        _write_atomic(run_dir / "config.json", json.dumps(config_dict, indent=2) + "\n")
-        _write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        state = jax.device_put(state, NamedSharding(mesh, P()))
-        step_cache: dict[float, StepFns] = {}
-        epochs_done = 0
-        ratio = anneal_ratio(config, start_epoch)
-        for epoch in range(start_epoch, config.epochs):
-            ratio = anneal_ratio(config, epoch)
-            if has_kwta:
-                set_kwta_ratio(model, ratio)
-            if ratio not in step_cache:
-                step_cache[ratio] = StepFns(model, tx, mesh, perturb_fn)
-            steps = step_cache[ratio]
-
-            t0 = time.perf_counter()
-            bar = tqdm(
-                total=steps_per_epoch, desc=f"{config.act} {epoch + 1}/{config.epochs}",
-                unit="step", disable=not progress, leave=False, dynamic_ncols=True,
-            )  # fmt: skip
-            acc = None
-            batches = data_lib.iterate_batches(
-                dataset.train_images, dataset.train_labels, config.batch_size, shuffle=True,
-                seed=config.seed, epoch=epoch,
-            )  # fmt: skip
-            for i, batch in enumerate(batches):
-                state, m = steps.train(state, _put_batch(batch, steps.data))
-                acc = _sum_metrics(acc, m)
-                if progress and (i % 10 == 0 or i == steps_per_epoch - 1):
-                    bar.set_postfix(loss=f"{float(m['loss_sum'] / m['count']):.4f}")
-                bar.update()
-            acc = jax.device_get(acc)
-            train_time = time.perf_counter() - t0
-            bar.close()
-            test = evaluate_dataset(
-                steps, state.params, state.rest, dataset.test_images, dataset.test_labels,
-                config.batch_size,
-            )  # fmt: skip
-            n = max(float(acc["count"]), 1.0)
-            record = {
+    n_batches = data_lib.num_batches(len(dataset.train_labels), config.batch_size)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    step_fns: dict[float, StepFns] = {}  # one compilation per k-WTA ratio
+    for epoch in range(start_epoch, config.epochs):
+        ratio = anneal_ratio(config, epoch)
+        if has_kwta:
+            set_kwta_ratio(model, ratio)
+        if ratio not in step_fns:
+            step_fns[ratio] = StepFns(model, tx, mesh, perturb_fn)
+        steps = step_fns[ratio]
+        t0 = time.perf_counter()
+        bar = open_bar(progress, total=n_batches, desc=f"{config.act} {epoch + 1}/{config.epochs}",
+                       unit="step")  # fmt: skip
+        state, sums = _train_epoch(steps, state, dataset, config, epoch, bar,
+                                   show_loss=bool(progress))  # fmt: skip
+        train_time = time.perf_counter() - t0
+        bar.close()
+        test = evaluate_dataset(steps, state.params, state.rest, dataset.test_images,
+                                dataset.test_labels, config.batch_size)  # fmt: skip
+        n = max(float(sums["count"]), 1.0)
+        yield (
+            state,
+            {
                 "epoch": epoch + 1,
                 "step": int(state.step),
                 "kwta_ratio": ratio if has_kwta else None,
-                "train_loss": float(acc["loss_sum"]) / n,
-                "train_accuracy": float(acc["correct"]) / n,
+                "train_loss": float(sums["loss_sum"]) / n,
+                "train_accuracy": float(sums["correct"]) / n,
                 "test_loss": test["loss"],
                 "test_accuracy": test["accuracy"],
                 "train_seconds": train_time,
-                "step_ms": 1000 * train_time / steps_per_epoch,
+                "step_ms": 1000 * train_time / n_batches,
                 "epoch_seconds": time.perf_counter() - t0,
-            }
-            history.append(record)
-            meta = {
-                "epoch": epoch + 1, "step": int(state.step), "kwta_ratio": ratio,
-                "data_position": {"epoch": epoch + 1, "batch": 0},
-                "config": config_dict, "history": history,
-            }  # fmt: skip
-            ckpt.save(epoch + 1, (state.params, state.rest),
-                      (state.step, state.opt_state, state.key), meta)  # fmt: skip
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            log(
-                f"{config.model}/{config.act} epoch {epoch + 1}/{config.epochs}: "
-                f"loss {record['train_loss']:.4f}, train acc {record['train_accuracy']:.4f}, "
-                f"test acc {record['test_accuracy']:.4f} ({record['epoch_seconds']:.1f} s)"
-            )
-            epochs_done += 1
-            if stop_after_epochs is not None and epochs_done >= stop_after_epochs:
-                break
-    finally:
-        ckpt.close()
-
-    if history:
-        plotting.plot_learning_curves(
-            history, run_dir / "curves.png", title=f"{config.dataset} {config.model} {config.act}"
+            },
         )
+
+
+def trained_model(model: nnx.Module, state: TrainState) -> nnx.Module:
+    """The eval-mode model of template ``model`` with ``state``'s parameters (host arrays)."""
     model.eval()
-    graphdef_eval = nnx.graphdef(model)
     params, rest = jax.device_get((state.params, state.rest))
-    final = nnx.merge(graphdef_eval, params, rest)
+    final = nnx.merge(nnx.graphdef(model), params, rest)
     final.eval()
-    return RunResult(final, config_dict, history, run_dir, resumed_from)
-
-
-def _version() -> str:
-    from kwta_jax import __version__
-
-    return __version__
+    return final
 
 
 # --------------------------------------------------------------------------------------------
-# ReLU vs k-WTA comparison (what train.py runs).
+# Step time.
 # --------------------------------------------------------------------------------------------
-
-
-def fgsm_comparison(
-    model: nnx.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    eps_values: Sequence[float] = DEFAULT_FGSM_EPS,
-    *,
-    batch_size: int = 500,
-) -> dict:
-    """Clean and FGSM (L-inf) accuracy of an eval-mode ``model`` on ``images [N, H, W, C]``.
-
-    Uses `kwta_jax.evaluation.evaluate` with `kwta_jax.attacks.fgsm` (compiled once, eps
-    traced). Returns ``{"clean": float, "fgsm": {eps: float}}``.
-    """
-    from kwta_jax.evaluation import build_suite, evaluate, models_from_nnx
-
-    res = evaluate(
-        models_from_nnx(model), images, labels, suite=build_suite(["fgsm"]),
-        eps_values=list(eps_values), batch_size=batch_size, progress=False,
-    )  # fmt: skip
-    return {
-        "clean": float(res.clean_correct.mean()),
-        "fgsm": {float(e): res.accuracy("fgsm", e) for e in res.eps_values},
-    }
-
-
-def run_comparison(
-    config: TrainConfig,
-    out,
-    *,
-    acts: Sequence[str] = ("relu", "kwta"),
-    eps_values: Sequence[float] = DEFAULT_FGSM_EPS,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """Trains ``config`` once per activation into ``out/<act>/``, evaluates clean and FGSM
-    accuracy on the test set, writes ``out/summary.json`` and returns it.
-
-    Every run directory is checked (`check_run_dir`) and the dataset loaded before any
-    training starts, so bad options or a missing dataset fail fast.
-    """
-    log = log or _log_default
-    config = config.resolved()
-    out = Path(out)
-    configs = {act: dataclasses.replace(config, act=act) for act in acts}
-    for act, cfg in configs.items():
-        cfg.validate()
-        check_run_dir(out / act, cfg, resume=resume, overwrite=overwrite)
-    dataset = data_lib.load_dataset(
-        config.dataset, data_dir=config.data_dir, seed=config.seed, test_size=config.test_size,
-        max_train=config.max_train, max_test=config.max_test,
-    )  # fmt: skip
-    log(f"{dataset!r} on {jax.device_count()} {jax.default_backend()} device(s)")
-    summary: dict[str, Any] = {
-        "dataset": config.dataset, "model": config.model, "eps": list(eps_values),
-        "devices": jax.device_count(), "backend": jax.default_backend(), "runs": {},
-    }  # fmt: skip
-    t_all = time.perf_counter()
-    for act, cfg in configs.items():
-        t0 = time.perf_counter()
-        result = train_and_evaluate(
-            cfg, out / act, resume=resume, overwrite=overwrite, dataset=dataset,
-            progress=progress, log=log,
-        )  # fmt: skip
-        train_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        robust = fgsm_comparison(result.model, dataset.test_images, dataset.test_labels,
-                                 eps_values)  # fmt: skip
-        later = [h["step_ms"] for h in result.history[1:]] or [h["step_ms"] for h in result.history]
-        summary["runs"][act] = {
-            "run_dir": str(out / act),
-            "act": act,
-            "ratio": result.final.get("kwta_ratio"),
-            "epochs": len(result.history),
-            "clean_accuracy": robust["clean"],
-            "fgsm_accuracy": {str(e): a for e, a in robust["fgsm"].items()},
-            "final_train_loss": result.final.get("train_loss"),
-            "train_seconds": train_s,
-            "attack_seconds": time.perf_counter() - t1,
-            # Median over epochs after the first (which includes compilation).
-            "step_ms": float(np.median(later)) if later else None,
-        }
-    summary["total_seconds"] = time.perf_counter() - t_all
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def format_comparison(summary: dict) -> str:
-    """The comparison table of a `run_comparison` summary."""
-    eps = summary["eps"]
-    head = ["act", "ratio", "clean"] + [f"FGSM {e:g}" for e in eps] + ["ms/step", "train s"]
-    rows = []
-    for act, r in summary["runs"].items():
-        rows.append(
-            [act, "-" if r["ratio"] is None else f"{r['ratio']:g}", f"{r['clean_accuracy']:.3f}"]
-            + [f"{r['fgsm_accuracy'][str(float(e))]:.3f}" for e in eps]
-            + [f"{r['step_ms']:.2f}" if r["step_ms"] is not None else "-",
-               f"{r['train_seconds']:.1f}"]
-        )  # fmt: skip
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    title = (
-        f"{summary['dataset']} / {summary['model']}: test accuracy, clean and under FGSM "
-        f"(L-inf eps on [0, 1] pixels)"
-    )
-    return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def time_train_step(config: TrainConfig, *, n_steps: int = 50, warmup: int = 5) -> float:
@@ -881,15 +413,14 @@ def time_train_step(config: TrainConfig, *, n_steps: int = 50, warmup: int = 5) 
     config = config.resolved()
     shapes = {"mnist5k": (28, 28, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1)}
     shape = shapes.get(config.dataset, (32, 32, 3))
-    kwargs = dict(
-        act=config.act, ratio=config.ratio, groups=config.groups, num_classes=10,
-        input_shape=list(shape), kwta_scope=config.kwta_scope, conv_ratio=config.conv_ratio,
-        mean=None, std=None,
+    spec = ModelSpec(
+        name=config.model, act=config.act, ratio=config.ratio, groups=config.groups,
+        num_classes=10, input_shape=shape, kwta_scope=config.kwta_scope,
+        conv_ratio=config.conv_ratio,
     )  # fmt: skip
-    model = build_model_from_config({"model": config.model, "model_kwargs": kwargs, "seed": 0})
+    model = build_model(spec, seed=0)
     tx = create_optimizer(config, 100)
-    _, params, rest = split_model(model)
-    state = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), jax.random.key(0))
+    state = init_train_state(model, tx, seed=0)
     mesh = make_mesh()
     steps = StepFns(model, tx, mesh)
     rng = np.random.default_rng(0)

@@ -27,23 +27,26 @@ import attack  # noqa: E402
 )
 def test_bad_arguments_exit_with_a_clear_message(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        attack.parse_args([a.format(tmp=tmp_path) for a in argv])
+        # As the shell runs it: the run directory is probed at start-up, not in parse_args.
+        sys.exit(attack.main([a.format(tmp=tmp_path) for a in argv]))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
-def test_dir_without_runs_is_a_clean_error(tmp_path, capsys):
+def test_dir_without_loadedis_a_clean_error(tmp_path, capsys):
     assert attack.main([str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
 
 
 def _fake_training_modules(monkeypatch, tmp_path):
-    """Stand-ins for kwta_jax.checkpointing / kwta_jax.data with the contract's signatures:
-    a ReLU and a k-WTA MLP on toy 8x8 images, so the CLI path is tested without train.py."""
+    """Stand-ins for kwta_jax.runs.load_trained_model / kwta_jax.data.load_dataset with the
+    contract's signatures: a ReLU and a k-WTA MLP on toy 8x8 images, so the CLI path is
+    tested without train.py."""
     from flax import nnx
     from test_attacks_adaptive import toy_data
 
+    from kwta_jax import data, runs
     from kwta_jax.layers import KWTA
 
     class MLP(nnx.Module):
@@ -58,28 +61,24 @@ def _fake_training_modules(monkeypatch, tmp_path):
         def __call__(self, x):
             return self.l2(self.act(self.l1(x.reshape(x.shape[0], -1))))
 
-    runs = {}
+    loaded = {}
     for act in ("relu", "kwta"):
         run = tmp_path / "runs" / act
         run.mkdir(parents=True)
         config = {"dataset": "mnist-toy", "model": "mlp", "act": act, "ratio": 0.25, "seed": 0,
                   "data_dir": None}  # fmt: skip
         (run / "config.json").write_text(json.dumps(config))
-        runs[run.name] = (MLP(nnx.relu if act == "relu" else KWTA(0.25)), config)
+        loaded[run.name] = (MLP(nnx.relu if act == "relu" else KWTA(0.25)), config)
 
     x, y, _ = toy_data(32, seed=3)
-    checkpointing = types.ModuleType("kwta_jax.checkpointing")
-    checkpointing.load_trained_model = lambda run_dir: runs[Path(run_dir).name]
-    data = types.ModuleType("kwta_jax.data")
-    data.load_dataset = lambda name, *, data_dir=None, seed=0: types.SimpleNamespace(
-        test_images=x, test_labels=y, num_classes=4, name=name
+    monkeypatch.setattr(runs, "load_trained_model", lambda run_dir: loaded[Path(run_dir).name])
+    monkeypatch.setattr(
+        data,
+        "load_dataset",
+        lambda name, *, data_dir=None, seed=0: types.SimpleNamespace(
+            test_images=x, test_labels=y, num_classes=4, name=name
+        ),
     )
-    import kwta_jax
-
-    monkeypatch.setitem(sys.modules, "kwta_jax.checkpointing", checkpointing)
-    monkeypatch.setitem(sys.modules, "kwta_jax.data", data)
-    monkeypatch.setattr(kwta_jax, "checkpointing", checkpointing, raising=False)
-    monkeypatch.setattr(kwta_jax, "data", data, raising=False)
     return tmp_path / "runs"
 
 

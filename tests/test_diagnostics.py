@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from test_attacks_adaptive import masked_model, relu_model, toy_data
 
-from kwta_jax import diagnostics, evaluation
+from kwta_jax import diagnostics, evaluation, reports
 
 SUITE = ["fgsm", "pgd", "square", "bpda", "transfer"]
 
@@ -12,7 +12,7 @@ SUITE = ["fgsm", "pgd", "square", "bpda", "transfer"]
 def _run(models, n=32):
     x, y, _ = toy_data(n, seed=7)
     suite = evaluation.build_suite(SUITE, budget={**evaluation.BUDGETS["quick"], "pgd_steps": 10})
-    res = evaluation.evaluate(
+    res = evaluation.run_suite(
         models, x, y, suite=suite, eps_values=[0.3, 0.4], batch_size=32, progress=False
     )
     flags = diagnostics.run_diagnostics(models, res, x, y, n_large=32, batch_size=32)
@@ -40,7 +40,7 @@ def test_masked_model_is_flagged(masked):
     assert flags["square_beats_pgd"].fired
     assert flags["transfer_beats_pgd"].fired
     assert flags["large_eps_not_broken"].fired
-    text = diagnostics.format_flags(list(flags.values()), "step")
+    text = reports.format_flags(list(flags.values()), "step")
     assert "[FLAG] zero_input_gradient" in text and "gradient masking likely" in text
 
 
@@ -51,7 +51,7 @@ def test_plain_relu_model_is_not_flagged():
     fired = [f.name for f in flags.values() if f.fired]
     assert fired == [], fired
     assert len(flags) >= 7  # every check ran
-    text = diagnostics.format_flags(list(flags.values()))
+    text = reports.format_flags(list(flags.values()))
     assert "no flag fired" in text
 
 

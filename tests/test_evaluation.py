@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_attacks_adaptive import masked_model, relu_model, toy_data
 
-from kwta_jax import evaluation
+from kwta_jax import evaluation, reports
 from kwta_jax.attacks import AttackInvariantError
 
 
@@ -17,7 +17,7 @@ def relu_result():
     x, y, _ = toy_data(40, seed=5)
     suite = evaluation.build_suite(["fgsm", "pgd", "square", "transfer"], budget="quick")
     models = evaluation.Models(relu_model(), source_logits_fn=masked_model(bpda=True), name="r")
-    res = evaluation.evaluate(
+    res = evaluation.run_suite(
         models, x, y, suite=suite, eps_values=[0.2, 0.3], batch_size=16, progress=False, keep=4
     )
     return res, x, y, models, suite
@@ -40,7 +40,7 @@ def test_chunking_and_padding_do_not_change_results(relu_result):
     res, x, y, models, suite = relu_result
     # 40 examples: chunks of 16 (last one padded) vs one chunk of 40; same keys per chunk
     # differ, so compare a deterministic attack (FGSM) exactly and the clean predictions.
-    other = evaluation.evaluate(
+    other = evaluation.run_suite(
         models, x, y, suite=suite[:1], eps_values=[0.2, 0.3], batch_size=40, progress=False
     )
     np.testing.assert_array_equal(other.pred["fgsm"][0.3], res.pred["fgsm"][0.3])
@@ -50,7 +50,7 @@ def test_chunking_and_padding_do_not_change_results(relu_result):
 
 def test_same_seed_same_result(relu_result):
     res, x, y, models, suite = relu_result
-    again = evaluation.evaluate(
+    again = evaluation.run_suite(
         models, x, y, suite=suite[1:2], eps_values=[0.2, 0.3], batch_size=16, progress=False
     )
     np.testing.assert_array_equal(again.pred["pgd"][0.2], res.pred["pgd"][0.2])
@@ -58,21 +58,21 @@ def test_same_seed_same_result(relu_result):
 
 def test_skips_attacks_without_their_model_and_reports(relu_result, tmp_path):
     res, x, y, _, _ = relu_result
-    skipped = evaluation.evaluate(
+    skipped = evaluation.run_suite(
         evaluation.Models(relu_model(), name="plain"), x[:8], y[:8],
         suite=evaluation.build_suite(["fgsm", "bpda", "transfer"], budget="quick"),
         eps_values=[0.1], progress=False,
     )  # fmt: skip
     assert set(skipped.skipped) == {"bpda", "transfer"} and list(skipped.pred) == ["fgsm"]
-    table = evaluation.format_table(res)
+    table = reports.format_table(res)
     assert "worst case" in table and "transfer" in table and "ex/s" in table
     payload = res.to_dict()
-    evaluation.save_json(payload, tmp_path / "r.json")
+    reports.save_json(payload, tmp_path / "r.json")
     loaded = json.loads((tmp_path / "r.json").read_text())
     assert loaded["worst_case_accuracy"]["0.3"] == pytest.approx(res.worst_accuracy(0.3))
     assert loaded["attacks"]["pgd"]["examples_per_second"] > 0
-    evaluation.plot_accuracy_vs_eps([res, res], tmp_path / "acc.png")
-    evaluation.plot_examples(res, tmp_path / "ex.png", rows=3)
+    reports.plot_accuracy_vs_eps([res, res], tmp_path / "acc.png")
+    reports.plot_examples(res, tmp_path / "ex.png", rows=3)
     assert (tmp_path / "acc.png").stat().st_size > 1000
     assert (tmp_path / "ex.png").stat().st_size > 1000
 
@@ -83,7 +83,7 @@ def test_invariant_violation_is_caught():
         "bad", "white-box", lambda f, x, y, key, *, eps: jnp.clip(x + 2 * eps, 0.0, 1.0)
     )
     with pytest.raises(AttackInvariantError, match="bad: .* outside the linf ball"):
-        evaluation.evaluate(
+        evaluation.run_suite(
             evaluation.Models(relu_model()), x, y, suite=[bad], eps_values=[0.1],
             progress=False,
         )  # fmt: skip
@@ -96,11 +96,11 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="budget"):
         evaluation.build_suite(["pgd"], budget="huge")
     with pytest.raises(ValueError, match="eps values must be > 0"):
-        evaluation.evaluate(
+        evaluation.run_suite(
             evaluation.Models(relu_model()), x, y, suite=[], eps_values=[0.0], progress=False
         )
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        evaluation.evaluate(
+        evaluation.run_suite(
             evaluation.Models(relu_model()), x + 2, y, suite=[], eps_values=[0.1],
             progress=False,
         )  # fmt: skip

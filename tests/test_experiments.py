@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from kwta_jax import experiments
+from kwta_jax import experiments, workflows
 
 
 @pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
 def test_presets_are_valid_training_configs(name):
     exp = experiments.get_experiment(name)
     for act in exp.acts:
-        experiments.training.dataclasses.replace(exp.config, act=act).validate()
+        dataclasses.replace(exp.config, act=act).validate()
     assert set(exp.fgsm_eps) <= set(exp.eps)
     assert "clean" in exp.writeup and all(f"fgsm {e:g}" in exp.writeup for e in exp.fgsm_eps)
     for relu, kwta in exp.writeup.values():
@@ -34,7 +35,7 @@ def test_overrides_keep_unset_fields():
 def test_experiment_6_end_to_end_at_reduced_size(tmp_path):
     exp = experiments.get_experiment("seed-6").with_overrides(epochs=1, max_train=300)
     attacks = ("fgsm", "pgd", "bpda", "transfer")
-    report = experiments.run_experiment(
+    report = workflows.run_experiment(
         exp, tmp_path, attacks=attacks, budget="quick", n_examples=64, progress=False,
         log=lambda _: None,
     )  # fmt: skip

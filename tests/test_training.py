@@ -16,22 +16,16 @@ import pytest
 from flax import nnx
 
 from kwta_jax import data
-from kwta_jax.checkpointing import load_trained_model
 from kwta_jax.layers import KWTA, iter_kwta_layers
-from kwta_jax.training import (
-    RunDirError,
-    TrainConfig,
-    TrainState,
-    anneal_ratio,
-    build_model_from_config,
-    check_run_dir,
-    create_optimizer,
-    format_comparison,
+from kwta_jax.models import build_model_from_config, split_model
+from kwta_jax.reports import format_comparison
+from kwta_jax.runs import RunDirError, check_run_dir, load_trained_model
+from kwta_jax.training import TrainConfig, TrainState, anneal_ratio, create_optimizer, train_step
+from kwta_jax.workflows import (
     make_pgd_perturb,
+    plan_experiments,
     run_comparison,
-    split_model,
     train_and_evaluate,
-    train_step,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,7 +318,8 @@ def _cli_error(capsys, *argv):
     finally:
         sys.path.pop(0)
     with pytest.raises(SystemExit) as info:
-        train.parse_args(list(argv))
+        # As the shell runs it: start-up checks (run directories, data) live past parse_args.
+        sys.exit(train.main(list(argv)))
     assert info.value.code == 2
     return capsys.readouterr().err
 
@@ -407,9 +402,11 @@ def test_cli_all_experiments_skip_those_without_data(tmp_path):
     args = train.parse_args(
         ["--experiment", "all", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path)]
     )
-    assert [(e.name, out) for e, out in args.experiments] == [("seed-6", f"{tmp_path}/seed-6")]
-    assert sorted(args.unavailable) == ["seed-1", "seed-2", "seed-3", "seed-4", "seed-5"]
-    assert all("cifar10" in message for message in args.unavailable.values())
+    # The data check is the workflow's start-up (parse_args probes no disk).
+    runnable, unavailable = plan_experiments(args.experiments)
+    assert [(e.name, out) for e, out in runnable] == [("seed-6", f"{tmp_path}/seed-6")]
+    assert sorted(unavailable) == ["seed-1", "seed-2", "seed-3", "seed-4", "seed-5"]
+    assert all("cifar10" in message for message in unavailable.values())
 
 
 def test_cli_lists_the_experiments(capsys):

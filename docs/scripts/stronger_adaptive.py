@@ -13,14 +13,14 @@ from __future__ import annotations
 import functools
 import time
 
-from kwta_jax import attacks, checkpointing, data
+from kwta_jax import attacks, data, reports, runs
 from kwta_jax import evaluation as ev
 
 
 def main(run_dir: str = "runs/default", n_examples: int = 500, eps: float = 0.1) -> None:
     p = functools.partial
-    kwta_model, config = checkpointing.load_trained_model(f"{run_dir}/kwta")
-    relu_model, _ = checkpointing.load_trained_model(f"{run_dir}/relu")
+    kwta_model, config = runs.load_trained_model(f"{run_dir}/kwta")
+    relu_model, _ = runs.load_trained_model(f"{run_dir}/relu")
     ds = data.load_dataset(config["dataset"], seed=config["seed"])
     x, y = ds.test_images[:n_examples], ds.test_labels[:n_examples]
     suite = ev.build_suite(["apgd-dlr", "square", "bpda-apgd"], budget="strong") + [
@@ -39,8 +39,8 @@ def main(run_dir: str = "runs/default", n_examples: int = 500, eps: float = 0.1)
     ]
     models = ev.models_from_nnx(kwta_model, source=relu_model, name="kwta")
     t0 = time.perf_counter()
-    res = ev.evaluate(models, x, y, suite=suite, eps_values=[eps], progress=False)
-    print(ev.format_table(res))
+    res = ev.run_suite(models, x, y, suite=suite, eps_values=[eps])
+    print(reports.format_table(res))
     print(f"{time.perf_counter() - t0:.0f} s")
 
 

@@ -16,18 +16,14 @@ always judged on the attacked ``logits_fn``:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 
 from kwta_jax.attacks import gradients
 from kwta_jax.attacks.apgd import apgd
-from kwta_jax.attacks.losses import LossFn, get_loss
+from kwta_jax.attacks.losses import LogitsFn, LossFn, get_loss
 from kwta_jax.attacks.pgd import gradient_attack
 
 __all__ = ["bpda", "bpda_apgd", "eot_pgd", "gradient_free", "transfer"]
-
-LogitsFn = Callable[[jax.Array], jax.Array]
 
 
 def bpda(

@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kwta_jax.attacks.losses import LossFn, loss_and_grad
+from kwta_jax.attacks.losses import LogitsFn, LossFn, loss_and_grad
 
 __all__ = ["Estimator", "autodiff", "eot", "finite_differences", "surrogate"]
 
-LogitsFn = Callable[[jax.Array], jax.Array]
 Estimator = Callable[[jax.Array, jax.Array, jax.Array], tuple]
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "LOSSES",
+    "LogitsFn",
     "LossFn",
     "cross_entropy",
     "dlr",
@@ -20,6 +21,10 @@ __all__ = [
     "loss_and_grad",
 ]
 
+# The model as attacks see it: ``[B, H, W, C]`` float32 images in [0, 1] -> ``[B, classes]``
+# logits. Defined here, the lowest module of the package, so every attack and the suite runner
+# share one alias.
+LogitsFn = Callable[[jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 

@@ -12,20 +12,17 @@ largest margin on the attacked model (so a success found at any step or restart 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from kwta_jax.attacks import gradients
-from kwta_jax.attacks.losses import LossFn, get_loss, margin
+from kwta_jax.attacks.losses import LogitsFn, LossFn, get_loss, margin
 from kwta_jax.attacks.projections import ascent_direction, check_norm, project, random_init
 
 __all__ = ["SCHEDULES", "gradient_attack", "keep_best", "mim", "pgd", "step_size_at"]
 
-LogitsFn = Callable[[jax.Array], jax.Array]
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 
 

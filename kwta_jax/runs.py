@@ -1,0 +1,247 @@
+"""The run directory: what ``train.py`` writes and ``attack.py`` reads.
+
+A run directory holds::
+
+    config.json        the resolved TrainConfig fields, "model_kwargs" (the model's
+                       `kwta_jax.models.ModelSpec`) and "kwta_jax_version"
+    metrics.jsonl      one JSON line per finished epoch
+    checkpoints/<N>/   orbax checkpoint after epoch N (`kwta_jax.checkpointing`): the model
+                       item (parameters and other model state), the train item (optimizer
+                       state, step counter, PRNG key) and meta (epoch, step, k-WTA ratio, data
+                       position, config, metrics history, leaf specs and checksums)
+    curves.png         learning curves (`kwta_jax.reports.plot_learning_curves`)
+
+This module owns that layout: reading and writing ``config.json`` and ``metrics.jsonl``,
+what to do with a directory that already holds a run (`check_run_dir`), saving and restoring a
+training state with its meta, finding run directories (`find_run_dirs`) and rebuilding a
+trained model (`load_trained_model`). It sits on `kwta_jax.models` and
+`kwta_jax.checkpointing`; the training state is handled through its fields (``params``,
+``rest``, ``step``, ``opt_state``, ``key``), so nothing here imports the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from kwta_jax import __version__
+from kwta_jax.checkpointing import Checkpointer, CheckpointError, unflatten_tree
+from kwta_jax.config import TrainConfig
+from kwta_jax.models import ModelSpec, build_model_from_config, split_model
+
+__all__ = [
+    "RUN_FILES",
+    "RunDirError",
+    "append_metrics",
+    "check_run_dir",
+    "clear_run_dir",
+    "find_run_dirs",
+    "load_trained_model",
+    "make_run_config",
+    "read_config",
+    "restore_training_state",
+    "save_training_state",
+    "write_atomic",
+    "write_config",
+    "write_metrics",
+]
+
+RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "checkpoints")
+
+
+class RunDirError(ValueError):
+    """A run directory cannot be used as asked (existing run without --resume, config clash)."""
+
+
+# --------------------------------------------------------------------------------------------
+# config.json and metrics.jsonl.
+# --------------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def make_run_config(config: TrainConfig, spec: ModelSpec) -> dict:
+    """The ``config.json`` dict of a resolved ``config`` whose model is ``spec``."""
+    return {**config.to_dict(), "model_kwargs": spec.to_kwargs(), "kwta_jax_version": __version__}
+
+
+def read_config(run_dir) -> dict:
+    """The ``config.json`` of a run directory (raises `CheckpointError` if missing/invalid)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        msg = f"{path} not found: not a run directory written by train.py."
+        raise CheckpointError(msg) from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
+
+
+def write_config(run_dir: Path, run_config: dict) -> None:
+    write_atomic(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
+
+
+def write_metrics(run_dir: Path, history: Sequence[dict]) -> None:
+    """Rewrites ``metrics.jsonl`` with ``history`` (one line per epoch)."""
+    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# An existing run directory.
+# --------------------------------------------------------------------------------------------
+
+
+def _comparable(config: dict) -> dict:
+    # Training longer (--epochs) on resume is allowed; everything else must match.
+    ignore = {"epochs", "kwta_jax_version", "created_at"}
+    return {k: v for k, v in config.items() if k not in ignore}
+
+
+def _config_changes(saved_path: Path, config: TrainConfig) -> str:
+    """``"field: old -> new, ..."`` between a saved ``config.json`` and ``config`` ("" if none
+    or the file is unreadable)."""
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ""
+    current = config.resolved().to_dict()
+    diff = sorted(k for k in _comparable(current) if k in saved and saved[k] != current[k])
+    return ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in diff)
+
+
+def check_run_dir(run_dir, config: TrainConfig, *, resume: bool, overwrite: bool) -> str:
+    """Decides what to do with ``run_dir`` before any work: ``"new"``, ``"resume"`` or
+    ``"overwrite"``. Raises `RunDirError` if it holds a run and neither flag is set, or if
+    ``resume`` finds a run with a different configuration."""
+    run_dir = Path(run_dir)
+    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if not existing:
+        return "new"
+    if overwrite:
+        return "overwrite"
+    if not resume:
+        raise RunDirError(
+            f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue "
+            "it, --overwrite to start over, or choose another --out."
+        )
+    changes = _config_changes(run_dir / "config.json", config)
+    if changes:
+        raise RunDirError(
+            f"cannot resume {run_dir}: its configuration differs ({changes}). Resume "
+            "with the original options or use --overwrite / another --out."
+        )
+    return "resume"
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Removes only the files a run writes (never other content of the directory)."""
+    for name in RUN_FILES:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def find_run_dirs(path) -> list[Path]:
+    """Run directories under ``path``: ``[path]`` if it holds a ``config.json``, else its
+    sub-directories that do (sorted). Raises ``FileNotFoundError`` if there are none."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {str(path)!r} does not exist.")
+    if (path / "config.json").is_file():
+        return [path]
+    runs = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+    if not runs:
+        raise FileNotFoundError(
+            f"{str(path)!r} has no config.json and no sub-directory with one; pass a run "
+            "directory written by train.py (e.g. runs/default/kwta) or its parent."
+        )
+    return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints of a training state.
+# --------------------------------------------------------------------------------------------
+
+
+def save_training_state(
+    ckpt: Checkpointer, state, *, epoch: int, ratio: float, run_config: dict, history: list
+) -> None:
+    """Checkpoint after ``epoch`` (1-based) of a `kwta_jax.training.TrainState`: the model
+    item is ``(params, rest)``, the train item ``(step, opt_state, key)``; the next epoch
+    starts at batch 0 of epoch ``epoch``."""
+    meta = {
+        "epoch": epoch, "step": int(state.step), "kwta_ratio": ratio,
+        "data_position": {"epoch": epoch, "batch": 0},
+        "config": run_config, "history": history,
+    }  # fmt: skip
+    ckpt.save(epoch, (state.params, state.rest), (state.step, state.opt_state, state.key), meta)
+
+
+def restore_training_state(
+    ckpt: Checkpointer, state, *, log: Callable[[str], None]
+) -> tuple[Any, int, list[dict]]:
+    """The newest good checkpoint restored into the structure of ``state`` (a freshly built
+    `kwta_jax.training.TrainState`). Corrupt newer steps are moved aside and reported.
+
+    Returns ``(state, epochs_done, history)`` (the history of those epochs only).
+    """
+    _, restored, bad = ckpt.restore_latest(log=log)
+    for step in bad:
+        log(f"moved corrupt checkpoint aside: {ckpt.quarantine(step)}")
+    meta = restored["meta"]
+    params, rest = unflatten_tree((state.params, state.rest), restored["model"], meta["model_spec"])
+    step, opt_state, key = unflatten_tree(
+        (state.step, state.opt_state, state.key), restored["train"], meta["train_spec"]
+    )
+    state = state.replace(step=step, params=params, rest=rest, opt_state=opt_state, key=key)
+    epochs_done = int(meta["data_position"]["epoch"])
+    history = [h for h in meta["history"] if h["epoch"] <= epochs_done]
+    return state, epochs_done, history
+
+
+def load_trained_model(run_dir, *, log=None) -> tuple[nnx.Module, dict]:
+    """Model of a run directory, restored from its newest good checkpoint, in eval mode.
+
+    Args:
+      run_dir: a directory written by train.py (``config.json`` and ``checkpoints/``).
+      log: where to report skipped corrupt checkpoints (default: `warnings.warn`).
+
+    Returns:
+      ``(model, config)``: the ``nnx.Module`` (``[B, H, W, C]`` float32 in [0, 1] ->
+      ``[B, classes]``, eval mode, k-WTA ratio of the restored epoch) and the ``config.json``
+      dict (``dataset``, ``model``, ``act``, ``ratio``, ``groups``, ``seed``, ``data_dir``, ...;
+      ``"restored_epoch"`` and ``"kwta_ratio"`` are added).
+
+    Raises:
+      CheckpointError: no config, no good checkpoint, or a checkpoint that does not match.
+    """
+    config = read_config(run_dir)
+    with Checkpointer(run_dir, read_only=True) as ckpt:
+        step, restored, _ = ckpt.restore_latest(("model",), log=log)
+    meta = restored["meta"]
+    # Abstract: no initialisation compute, the arrays come from the checkpoint.
+    model = build_model_from_config(config, ratio=meta.get("kwta_ratio"), abstract=True)
+    graphdef, params, rest = split_model(model)
+    params, rest = unflatten_tree((params, rest), restored["model"], meta["model_spec"])
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    config = dict(config, restored_epoch=meta.get("epoch", step), kwta_ratio=meta.get("kwta_ratio"))
+    return model, config

@@ -1,0 +1,547 @@
+"""Workflows: the library's layers composed into what the CLIs and the experiment presets run.
+
+* `train_and_evaluate`: one training run into a run directory (`kwta_jax.runs`): start-up
+  checks, the dataset (`kwta_jax.data`), the model (`kwta_jax.models`), the epoch loop
+  (`kwta_jax.training`, given the adversarial perturbation it needs), a checkpoint and a
+  metrics line after every epoch, the learning curves (`kwta_jax.reports`).
+* `run_comparison` / `compare_activations` (``train.py``): one run per activation, then clean
+  and FGSM accuracy side by side (``summary.json``).
+* `evaluate_run_dirs` (``attack.py``): load every run under a path, run the attack suite
+  (`kwta_jax.evaluation`) and the gradient-masking checks (`kwta_jax.diagnostics`) on its test
+  split, write the report.
+* `run_experiment` / `run_experiments` (``train.py --experiment``): a preset of
+  `kwta_jax.experiments` trained, attacked and tabulated beside the write-up's numbers.
+
+Start-up problems surface before any training as `kwta_jax.runs.RunDirError` (a run directory
+that cannot be used as asked) or `kwta_jax.data.DatasetUnavailableError` (data not here); the
+CLIs print them as one-line errors. Everything here reports through a ``log`` callback
+(default: this module's logger) and shows progress through a bar factory (``progress``, see
+`kwta_jax.progress`; the CLIs pass tqdm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from kwta_jax import attacks, data, diagnostics, evaluation, reports, runs, training
+from kwta_jax.checkpointing import Checkpointer
+from kwta_jax.config import TrainConfig
+from kwta_jax.experiments import Experiment
+from kwta_jax.models import build_model_from_config
+from kwta_jax.progress import MakeBar
+from kwta_jax.training import PerturbFn
+
+__all__ = [
+    "DEFAULT_FGSM_EPS",
+    "RunResult",
+    "compare_activations",
+    "evaluate_run_dirs",
+    "fgsm_comparison",
+    "load_training_data",
+    "make_pgd_perturb",
+    "plan_experiments",
+    "run_comparison",
+    "run_experiment",
+    "run_experiments",
+    "train_and_evaluate",
+]
+
+Log = Callable[[str], None]
+_logger = logging.getLogger(__name__)
+
+DEFAULT_FGSM_EPS: tuple[float, ...] = (0.1, 0.15, 0.2)
+
+
+# --------------------------------------------------------------------------------------------
+# One training run.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Outcome of `train_and_evaluate`.
+
+    ``model``: trained ``nnx.Module`` in eval mode. ``config``: the ``config.json`` dict.
+    ``history``: one dict per epoch (as in ``metrics.jsonl``). ``resumed_from``: epoch the run
+    resumed after (``None`` for a fresh run).
+    """
+
+    model: nnx.Module
+    config: dict
+    history: list[dict]
+    run_dir: Path
+    resumed_from: int | None = None
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def make_pgd_perturb(eps: float, steps: int, step_size: float) -> PerturbFn:
+    """PGD (L-inf, random start) of `kwta_jax.attacks.pgd` as a training ``perturb_fn``."""
+    return functools.partial(attacks.pgd, eps=eps, steps=steps, step_size=step_size)
+
+
+def load_training_data(config: TrainConfig) -> data.Dataset:
+    """The dataset of ``config`` (its split, seed and size limits)."""
+    return data.load_dataset(
+        config.dataset, data_dir=config.data_dir, seed=config.seed, test_size=config.test_size,
+        max_train=config.max_train, max_test=config.max_test,
+    )  # fmt: skip
+
+
+def _start_or_resume(
+    ckpt: Checkpointer, state: training.TrainState, run_dir: Path, *, resume: bool, log: Log
+) -> tuple[training.TrainState, int, list[dict], bool]:
+    """``(state, epochs already done, their history, resumed?)`` of a run directory."""
+    if resume and ckpt.steps():
+        state, done, history = runs.restore_training_state(ckpt, state, log=log)
+        log(f"{run_dir}: resumed after epoch {done} (step {int(state.step)}).")
+        return state, done, history, True
+    if resume:
+        log(f"{run_dir}: no finished checkpoint to resume; starting from scratch.")
+    return state, 0, [], False
+
+
+def _save_epoch(
+    ckpt: Checkpointer, run_dir: Path, state: training.TrainState, config: TrainConfig,
+    run_config: dict, history: list[dict],
+) -> None:  # fmt: skip
+    """The checkpoint and the ``metrics.jsonl`` line of the epoch that ends ``history``."""
+    epoch = history[-1]["epoch"]
+    ratio = training.anneal_ratio(config, epoch - 1)
+    runs.save_training_state(ckpt, state, epoch=epoch, ratio=ratio, run_config=run_config,
+                             history=history)  # fmt: skip
+    runs.append_metrics(run_dir, history[-1])
+
+
+def _epoch_line(config: TrainConfig, record: dict) -> str:
+    return (
+        f"{config.model}/{config.act} epoch {record['epoch']}/{config.epochs}: "
+        f"loss {record['train_loss']:.4f}, train acc {record['train_accuracy']:.4f}, "
+        f"test acc {record['test_accuracy']:.4f} ({record['epoch_seconds']:.1f} s)"
+    )
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    run_dir,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    dataset: data.Dataset | None = None,
+    perturb_fn: PerturbFn | None = None,
+    mesh: Mesh | None = None,
+    progress: MakeBar | None = None,
+    log: Log | None = None,
+    stop_after_epochs: int | None = None,
+) -> RunResult:
+    """Trains one model into ``run_dir`` with a checkpoint after every epoch.
+
+    Args:
+      config: the run's `TrainConfig` (validated here).
+      run_dir: output directory (``config.json``, ``metrics.jsonl``, ``checkpoints/``,
+        ``curves.png``; see `kwta_jax.runs`).
+      resume: continue from the newest good checkpoint in ``run_dir`` (a fresh start if there
+        is none). Corrupt newer steps are moved aside and reported.
+      overwrite: delete a previous run's files in ``run_dir`` first.
+      dataset: a loaded dataset (default: `load_training_data` of the config).
+      perturb_fn: adversarial-training perturbation; default: PGD from ``config.adv_*`` when
+        ``config.adv_eps > 0`` (`make_pgd_perturb`), else none.
+      mesh: device mesh (default: all devices, `kwta_jax.training.make_mesh`).
+      progress: a bar factory for each epoch (`kwta_jax.progress`; ``None``: no bars).
+      log: one-line messages (default: this module's logger).
+      stop_after_epochs: stop (as if killed) after this many epochs of this call (tests).
+
+    Returns:
+      `RunResult` with the trained eval-mode model.
+    """
+    log = log or _logger.info
+    config = config.resolved()
+    config.validate()
+    run_dir = Path(run_dir)
+    mode = runs.check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+    mesh = mesh or training.make_mesh()
+    training.check_mesh_fits(config.batch_size, mesh)
+    dataset = load_training_data(config) if dataset is None else dataset
+    if mode == "overwrite":
+        runs.clear_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    run_config = runs.make_run_config(config, training.model_spec(config, dataset))
+    model = build_model_from_config(run_config)
+    tx = training.create_optimizer(
+        config, data.num_batches(len(dataset.train_labels), config.batch_size)
+    )
+    state = training.init_train_state(model, tx, config.seed)
+    if perturb_fn is None and config.adv_eps > 0:
+        perturb_fn = make_pgd_perturb(config.adv_eps, config.adv_steps, config.adv_step_size)
+
+    with Checkpointer(run_dir) as ckpt:
+        state, start_epoch, history, resumed = _start_or_resume(
+            ckpt, state, run_dir, resume=mode == "resume", log=log
+        )
+        runs.write_config(run_dir, run_config)
+        runs.write_metrics(run_dir, history)
+        epochs = training.train_epochs(
+            model, tx, state, dataset, config, mesh=mesh, perturb_fn=perturb_fn,
+            start_epoch=start_epoch, progress=progress,
+        )  # fmt: skip
+        for done, (state, record) in enumerate(epochs, start=1):
+            history.append(record)
+            _save_epoch(ckpt, run_dir, state, config, run_config, history)
+            log(_epoch_line(config, record))
+            if stop_after_epochs is not None and done >= stop_after_epochs:
+                break
+    if history:
+        title = f"{config.dataset} {config.model} {config.act}"
+        reports.plot_learning_curves(history, run_dir / "curves.png", title=title)
+    final = training.trained_model(model, state)
+    return RunResult(final, run_config, history, run_dir, start_epoch if resumed else None)
+
+
+# --------------------------------------------------------------------------------------------
+# train.py: ReLU vs k-WTA.
+# --------------------------------------------------------------------------------------------
+
+
+def fgsm_comparison(
+    model: nnx.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    eps_values: Sequence[float] = DEFAULT_FGSM_EPS,
+    *,
+    batch_size: int = 500,
+) -> dict:
+    """Clean and FGSM (L-inf) accuracy of an eval-mode ``model`` on ``images [N, H, W, C]``.
+
+    Uses `kwta_jax.evaluation.run_suite` with `kwta_jax.attacks.fgsm` (compiled once, eps
+    traced). Returns ``{"clean": float, "fgsm": {eps: float}}``.
+    """
+    res = evaluation.run_suite(
+        evaluation.models_from_nnx(model), images, labels,
+        suite=evaluation.build_suite(["fgsm"]), eps_values=list(eps_values),
+        batch_size=batch_size,
+    )  # fmt: skip
+    return {
+        "clean": float(res.clean_correct.mean()),
+        "fgsm": {float(e): res.accuracy("fgsm", e) for e in res.eps_values},
+    }
+
+
+def _comparison_entry(
+    result: RunResult, robust: dict, *, act: str, train_s: float, attack_s: float
+) -> dict:
+    """One activation's entry in ``summary.json``."""
+    later = [h["step_ms"] for h in result.history[1:]] or [h["step_ms"] for h in result.history]
+    return {
+        "run_dir": str(result.run_dir),
+        "act": act,
+        "ratio": result.final.get("kwta_ratio"),
+        "epochs": len(result.history),
+        "clean_accuracy": robust["clean"],
+        "fgsm_accuracy": {str(e): a for e, a in robust["fgsm"].items()},
+        "final_train_loss": result.final.get("train_loss"),
+        "train_seconds": train_s,
+        "attack_seconds": attack_s,
+        # Median over epochs after the first (which includes compilation).
+        "step_ms": float(np.median(later)) if later else None,
+    }
+
+
+def run_comparison(
+    config: TrainConfig,
+    out,
+    *,
+    acts: Sequence[str] = ("relu", "kwta"),
+    eps_values: Sequence[float] = DEFAULT_FGSM_EPS,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: MakeBar | None = None,
+    log: Log | None = None,
+) -> dict:
+    """Trains ``config`` once per activation into ``out/<act>/``, evaluates clean and FGSM
+    accuracy on the test set, writes ``out/summary.json`` and returns it.
+
+    Every run directory is checked (`kwta_jax.runs.check_run_dir`) and the dataset loaded
+    before any training starts, so bad options or a missing dataset fail fast.
+    """
+    log = log or _logger.info
+    config = config.resolved()
+    out = Path(out)
+    configs = {act: dataclasses.replace(config, act=act) for act in acts}
+    for act, cfg in configs.items():
+        cfg.validate()
+        runs.check_run_dir(out / act, cfg, resume=resume, overwrite=overwrite)
+    dataset = load_training_data(config)
+    log(f"{dataset!r} on {jax.device_count()} {jax.default_backend()} device(s)")
+    summary: dict[str, Any] = {
+        "dataset": config.dataset, "model": config.model, "eps": list(eps_values),
+        "devices": jax.device_count(), "backend": jax.default_backend(), "runs": {},
+    }  # fmt: skip
+    t_all = time.perf_counter()
+    for act, cfg in configs.items():
+        t0 = time.perf_counter()
+        result = train_and_evaluate(cfg, out / act, resume=resume, overwrite=overwrite,
+                                    dataset=dataset, progress=progress, log=log)  # fmt: skip
+        t1 = time.perf_counter()
+        robust = fgsm_comparison(result.model, dataset.test_images, dataset.test_labels,
+                                 eps_values)  # fmt: skip
+        summary["runs"][act] = _comparison_entry(
+            result, robust, act=act, train_s=t1 - t0, attack_s=time.perf_counter() - t1
+        )
+    summary["total_seconds"] = time.perf_counter() - t_all
+    runs.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def compare_activations(
+    config: TrainConfig, out, *, distributed: bool = False, log: Log | None = None, **options
+) -> dict:
+    """``train.py``'s job: `run_comparison` (``options``: its keywords), then the table and
+    where the runs are. ``distributed``: `kwta_jax.training.initialize_distributed` first."""
+    log = log or _logger.info
+    if distributed:
+        training.initialize_distributed()
+    summary = run_comparison(config, out, log=log, **options)
+    log("")
+    log(reports.format_comparison(summary))
+    log(f"\nruns in {out}/ ({', '.join(summary['runs'])}), summary in {out}/summary.json; "
+        f"total {summary['total_seconds']:.0f} s")  # fmt: skip
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# attack.py: the suite on the runs of a directory.
+# --------------------------------------------------------------------------------------------
+
+
+def _test_examples(config: dict, n_examples: int, cache: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n_examples`` test images ``[n, H, W, C]`` float32 and labels ``[n]`` int32
+    of a run's dataset, loaded once per distinct split (``cache``)."""
+    # The test split is a function of these fields (the split of mnist5k is seeded).
+    split = {k: config.get(k) for k in ("data_dir", "seed", "test_size", "max_test")}
+    split = {k: v for k, v in split.items() if v is not None}
+    key = (config["dataset"], tuple(sorted(split.items())))
+    if key not in cache:
+        cache[key] = data.load_dataset(config["dataset"], **split)
+    ds = cache[key]
+    x = np.asarray(ds.test_images[:n_examples], np.float32)
+    y = np.asarray(ds.test_labels[:n_examples], np.int32)
+    return x, y
+
+
+def _attack_run(
+    run: Path,
+    model: nnx.Module,
+    config: dict,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    source: nnx.Module | None,
+    suite: Sequence[evaluation.AttackSpec],
+    eps_values: Sequence[float] | None,
+    norm: str,
+    batch_size: int,
+    seed: int,
+    surrogate: str,
+    diagnose: bool,
+    progress: MakeBar | None,
+    log: Log,
+) -> evaluation.EvalResult:
+    """The suite (and the masking checks) on one loaded run; logs its table and flags."""
+    name = f"{run.name} ({config.get('act', '?')})"
+    eps = list(eps_values) if eps_values else list(evaluation.default_eps(config["dataset"]))
+    models = evaluation.models_from_nnx(model, source=source, surrogate=surrogate, name=name)
+    log(f"\n== {name}: {config['dataset']}, {len(x)} test examples, {norm} eps {eps}")
+    t0 = time.perf_counter()
+    res = evaluation.run_suite(models, x, y, suite=suite, eps_values=eps, norm=norm,
+                               batch_size=batch_size, seed=seed, progress=progress)  # fmt: skip
+    res.extra["run_dir"] = str(run)
+    res.extra["config"] = config
+    log(reports.format_table(res))
+    if diagnose:
+        flags = diagnostics.run_diagnostics(models, res, x, y, batch_size=batch_size, seed=seed)
+        res.extra["flags"] = [f.to_dict() for f in flags]
+        log(reports.format_flags(flags, name))
+    res.extra["wall_seconds"] = time.perf_counter() - t0
+    log(f"({res.extra['wall_seconds']:.0f} s)")
+    return res
+
+
+def evaluate_run_dirs(
+    path,
+    *,
+    attack_names: Sequence[str] = evaluation.DEFAULT_SUITE,
+    eps_values: Sequence[float] | None = None,
+    norm: str = "linf",
+    n_examples: int = 1000,
+    batch_size: int = 250,
+    seed: int = 0,
+    budget: str = "default",
+    surrogate: str = "identity",
+    out=None,
+    diagnose: bool = True,
+    progress: MakeBar | None = None,
+    log: Log | None = None,
+) -> dict:
+    """Runs the attack suite on every run under ``path`` (see `kwta_jax.runs.find_run_dirs`)
+    and writes the report; what ``attack.py`` does.
+
+    With several runs, the ReLU one (``config["act"] == "relu"``) is the transfer surrogate
+    of the others. Writes ``out/results.json``, ``out/accuracy_vs_eps.png`` and
+    ``out/examples_<run>.png`` (``out`` defaults to ``path/attack``); logs the table, the
+    worst case and the diagnostics. Returns the JSON payload.
+
+    Raises:
+      FileNotFoundError: no run under ``path`` (or a dataset that is not here).
+      kwta_jax.checkpointing.CheckpointError: a run that cannot be loaded.
+      ValueError: an unknown attack or budget.
+    """
+    log = log or _logger.info
+    run_dirs = runs.find_run_dirs(path)
+    suite = evaluation.build_suite(attack_names, norm=norm, budget=budget)
+    loaded = {run: runs.load_trained_model(run) for run in run_dirs}
+    relu = [r for r, (_, c) in loaded.items() if str(c.get("act", "")).lower() == "relu"]
+    source = loaded[relu[0]][0] if relu else None
+    out = Path(out) if out is not None else Path(path) / "attack"
+    out.mkdir(parents=True, exist_ok=True)
+
+    payload = {"path": str(path), "budget": budget, "seed": seed, "runs": []}
+    results, datasets = [], {}
+    for run, (model, config) in loaded.items():
+        x, y = _test_examples(config, n_examples, datasets)
+        res = _attack_run(
+            run, model, config, x, y, source=None if run in relu[:1] else source, suite=suite,
+            eps_values=eps_values, norm=norm, batch_size=batch_size, seed=seed,
+            surrogate=surrogate, diagnose=diagnose, progress=progress, log=log,
+        )  # fmt: skip
+        results.append(res)
+        payload["runs"].append(res.to_dict())
+        reports.plot_examples(res, out / f"examples_{run.name}.png")
+    reports.plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
+    reports.save_json(payload, out / "results.json")
+    log(f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_eps.png'} and example grids")
+    return payload
+
+
+# --------------------------------------------------------------------------------------------
+# train.py --experiment: the write-up's presets.
+# --------------------------------------------------------------------------------------------
+
+
+def run_experiment(
+    experiment: Experiment,
+    out,
+    *,
+    attacks: Sequence[str] = evaluation.DEFAULT_SUITE,
+    budget: str = "default",
+    n_examples: int = 1000,
+    batch_size: int = 250,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: MakeBar | None = None,
+    log: Log | None = None,
+) -> dict:
+    """Trains both models of ``experiment`` into ``out/<act>/``, attacks them, and writes
+    ``out/experiment.json``, ``out/table.md`` and ``out/accuracy_vs_eps.png``.
+
+    Returns the report (see `kwta_jax.reports.build_report`).
+    """
+    log = log or _logger.info
+    out = Path(out)
+    config = experiment.config
+    log(f"== experiment {experiment.name}: {experiment.description}")
+    summary = run_comparison(
+        config, out, acts=experiment.acts, eps_values=experiment.fgsm_eps, resume=resume,
+        overwrite=overwrite, progress=progress, log=log,
+    )  # fmt: skip
+    log(reports.format_comparison(summary))
+    payload = evaluate_run_dirs(
+        out, attack_names=attacks, eps_values=experiment.eps, n_examples=n_examples,
+        batch_size=batch_size, seed=config.seed, budget=budget, out=out / "attack",
+        progress=progress, log=log,
+    )  # fmt: skip
+    report = reports.build_report(experiment, payload)
+    report["train_summary"] = summary
+    report["budget"] = budget
+    (out / "experiment.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = reports.format_report(report)
+    (out / "table.md").write_text(table + "\n")
+    reports.plot_report(report, out / "accuracy_vs_eps.png")
+    log("\n" + table)
+    log(f"\nwrote {out / 'table.md'}, {out / 'experiment.json'}, {out / 'accuracy_vs_eps.png'}")
+    return report
+
+
+def plan_experiments(
+    planned: Sequence[tuple[Experiment, str]], *, resume: bool = False, overwrite: bool = False
+) -> tuple[list[tuple[Experiment, str]], dict[str, str]]:
+    """Start-up checks of experiments about to run: every run directory (raises
+    `kwta_jax.runs.RunDirError`) and every dataset. Reads no images.
+
+    Args:
+      planned: ``(experiment, out)`` pairs.
+
+    Returns:
+      ``(runnable, unavailable)``: the pairs whose data is here, and ``{name: message}`` for
+      the others (the message says how to get the data).
+    """
+    runnable, unavailable = [], {}
+    for experiment, out in planned:
+        for act in experiment.acts:
+            cfg = dataclasses.replace(experiment.config, act=act)
+            runs.check_run_dir(f"{out}/{act}", cfg, resume=resume, overwrite=overwrite)
+        try:
+            data.check_available(experiment.config.dataset, data_dir=experiment.config.data_dir)
+        except data.DatasetUnavailableError as e:
+            unavailable[experiment.name] = str(e)
+            continue
+        runnable.append((experiment, out))
+    return runnable, unavailable
+
+
+def run_experiments(
+    planned: Sequence[tuple[Experiment, str]],
+    *,
+    skip_unavailable: bool = False,
+    budget: str = "default",
+    n_examples: int = 1000,
+    resume: bool = False,
+    overwrite: bool = False,
+    distributed: bool = False,
+    progress: MakeBar | None = None,
+    log: Log | None = None,
+    warn: Log | None = None,
+) -> tuple[list[str], list[str]]:
+    """``train.py --experiment``: `plan_experiments`, then `run_experiment` for each preset
+    whose data is here.
+
+    Without ``skip_unavailable`` a missing dataset raises `kwta_jax.data.DatasetUnavailableError`
+    before any training; with it (``--experiment all``) those presets are skipped and ``warn``
+    says why. Returns ``(names run, names skipped)``.
+    """
+    warn = warn or _logger.warning
+    runnable, unavailable = plan_experiments(planned, resume=resume, overwrite=overwrite)
+    if unavailable and not skip_unavailable:
+        raise data.DatasetUnavailableError(next(iter(unavailable.values())))
+    if distributed:
+        training.initialize_distributed()
+    for name, message in unavailable.items():
+        warn(f"skipping experiment {name}: {message}\n")
+    for experiment, out in runnable:
+        run_experiment(experiment, out, budget=budget, n_examples=n_examples, resume=resume,
+                       overwrite=overwrite, progress=progress, log=log)  # fmt: skip
+    return [e.name for e, _ in runnable], list(unavailable)
