@@ -10,10 +10,11 @@ a whole (loops are ``lax.fori_loop``); wrap them in ``jax.jit`` with ``functools
 from kwta_jax.attacks import gradients, losses, projections
 from kwta_jax.attacks.adaptive import bpda, bpda_apgd, eot_pgd, gradient_free, transfer
 from kwta_jax.attacks.apgd import apgd
+from kwta_jax.attacks.apgd_t import apgd_t
 from kwta_jax.attacks.cw import cw_l2, cw_pgd
 from kwta_jax.attacks.deepfool import deepfool
 from kwta_jax.attacks.fgsm import fgm_l2, fgsm
-from kwta_jax.attacks.losses import LOSSES, cross_entropy, dlr, get_loss, margin
+from kwta_jax.attacks.losses import LOSSES, cross_entropy, dlr, dlr_targeted, get_loss, margin
 from kwta_jax.attacks.pgd import gradient_attack, mim, pgd
 from kwta_jax.attacks.projections import (
     NORMS,
@@ -30,6 +31,7 @@ __all__ = [
     "NORMS",
     "AttackInvariantError",
     "apgd",
+    "apgd_t",
     "bpda",
     "bpda_apgd",
     "check_threat_model",
@@ -40,6 +42,7 @@ __all__ = [
     "gradient_free",
     "cross_entropy",
     "dlr",
+    "dlr_targeted",
     "fgm_l2",
     "fgsm",
     "get_loss",
