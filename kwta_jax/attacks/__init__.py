@@ -6,9 +6,9 @@ Every attack is ``attack(logits_fn, x, y, key, *, eps, ...) -> x_adv`` where ``l
 intersected with [0, 1], and is a deterministic function of ``key``. Attacks are traceable as
 a whole (loops are ``lax.fori_loop``); wrap them in ``jax.jit`` with ``functools.partial``.
 
-Minimum-norm attacks (`fab_t_min_norm`) return ``(x_adv, dist)``: the closest adversarial
-found and its distance to ``x`` (``inf`` where none); `fab_t` is the eps-constrained form with
-the signature above.
+Minimum-norm attacks (`fab_t_min_norm`, `fmn_min_norm`) return ``(x_adv, dist)``: the closest
+adversarial found and its distance to ``x`` (``inf`` where none); `fab_t` and `fmn` are their
+eps-constrained forms with the signature above.
 """
 
 from kwta_jax.attacks import gradients, losses, projections
@@ -19,6 +19,7 @@ from kwta_jax.attacks.cw import cw_l2, cw_pgd
 from kwta_jax.attacks.deepfool import deepfool
 from kwta_jax.attacks.fab import fab_t, fab_t_min_norm
 from kwta_jax.attacks.fgsm import fgm_l2, fgsm
+from kwta_jax.attacks.fmn import fmn, fmn_min_norm
 from kwta_jax.attacks.losses import LOSSES, cross_entropy, dlr, dlr_targeted, get_loss, margin
 from kwta_jax.attacks.pgd import gradient_attack, mim, pgd
 from kwta_jax.attacks.projections import (
@@ -52,6 +53,8 @@ __all__ = [
     "fab_t_min_norm",
     "fgm_l2",
     "fgsm",
+    "fmn",
+    "fmn_min_norm",
     "get_loss",
     "gradient_attack",
     "gradients",
