@@ -5,7 +5,8 @@ Normalised gradient ascent on the logit difference ``max_{j != y} z_j - z_y`` fr
 input, inside an L_p ball whose radius ``epsilon`` adapts per example:
 
 * not adversarial yet and never was: ``epsilon = ||delta|| + |loss| / ||grad||_dual`` (the
-  linear estimate of the distance to the boundary), here times ``1 + gamma`` (see `step`);
+  linear estimate of the distance to the boundary), here at least ``epsilon (1 + gamma)``
+  (a deviation, see `step`: the paper's rule can stall);
 * not adversarial, but an adversarial was found before: ``epsilon *= 1 + gamma``;
 * adversarial: ``epsilon = min(epsilon (1 - gamma), best norm found)``.
 
@@ -29,8 +30,9 @@ from kwta_jax.attacks.projections import check_norm, keep_within_eps, lp_norm
 
 __all__ = ["FMN_ALPHA_INIT", "fmn", "fmn_min_norm"]
 
-# The paper's initial step sizes (the gradient step is L2-normalised for every norm, so the
-# L-inf step is larger: the projection onto the L-inf ball clips most of it).
+# Initial step sizes: 1 for L2 and 10 for L-inf, as we read the paper's setup (the gradient
+# step is L2-normalised for every norm, so the L-inf step is larger: the projection onto the
+# L-inf ball clips most of it). On small random MLPs L-inf with 1 measured within 0.1%.
 FMN_ALPHA_INIT: dict[str, float] = {"l2": 1.0, "linf": 10.0}
 
 
@@ -109,11 +111,12 @@ def fmn_min_norm(
         # The dual norm of the gradient turns the loss into a distance (L1 for L-inf).
         g_dual = jnp.sum(jnp.abs(g), -1) if norm == "linf" else lp_norm(g, "l2")
         to_boundary = jnp.abs(m) / jnp.maximum(g_dual, 1e-12)
-        # Before the first success the radius jumps to the linear estimate of the boundary,
-        # stretched by (1 + gamma): where the model is linear the estimate is exact, and an
-        # iterate exactly on the boundary is not misclassified, so the unstretched rule of the
-        # paper can stall there forever.
-        estimate = (lp_norm(delta, norm) + to_boundary) * (1.0 + gamma)
+        # Before the first success the paper sets the radius to the linear estimate of the
+        # boundary. That can stall: where the model is linear the estimate is exact and an
+        # iterate exactly on the boundary is not misclassified; where the box clips the step,
+        # ||delta|| and with it the estimate stop growing. So the radius also grows by at
+        # least (1 + gamma) per step until the first success.
+        estimate = jnp.maximum(lp_norm(delta, norm) + to_boundary, radius * (1.0 + gamma))
         radius = jnp.where(
             is_adv,
             jnp.minimum(radius * (1.0 - gamma), best_dist),
