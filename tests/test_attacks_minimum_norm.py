@@ -215,6 +215,20 @@ def test_apgd_t_is_at_least_as_strong_as_apgd_ce_on_a_random_mlp():
     assert acc_t <= acc_ce
 
 
+def test_fmn_breaks_every_example_of_a_random_mlp_where_the_box_clips_its_steps():
+    # Inputs anywhere in [0, 1]: the box clips the L2 steps, and the paper's pre-success radius
+    # rule (the linear estimate alone) stalls on an example of this batch.
+    k1, k2 = jax.random.split(jax.random.key(1))
+    w1 = jax.random.normal(k1, (64, 64)) / 4.0
+    w2 = jax.random.normal(k2, (64, 10)) / 4.0
+    f = lambda x_: jax.nn.relu(x_.reshape(x_.shape[0], -1) @ w1) @ w2
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (128, 64)), jnp.float32)
+    y = jnp.argmax(f(x), -1)
+    x_adv, dist = attacks.fmn_min_norm(f, x, y, norm="l2")
+    assert np.all(np.isfinite(np.asarray(dist)))
+    assert np.all(predictions(f, x_adv) != np.asarray(y))
+
+
 # --- threat model, determinism, jit ------------------------------------------------------------
 
 
