@@ -12,6 +12,8 @@ always judges success on the true model, whatever model or estimate it takes gra
   which smooths a discontinuous loss surface.
 * `finite_differences` — gradient-free estimate from antithetic Gaussian queries (NES; the
   estimator Tramer et al. 2020 used against k-WTA). Only forward passes of the model.
+* `finite_differences_blocked` — the same estimate with memory bounded by a block of samples
+  (a ``lax.scan`` accumulates the sum), for the thousands of samples the `es` attack uses.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ import numpy as np
 
 from kwta_jax.attacks.losses import LogitsFn, LossFn, loss_and_grad
 
-__all__ = ["Estimator", "autodiff", "eot", "finite_differences", "surrogate"]
+__all__ = [
+    "Estimator",
+    "autodiff",
+    "eot",
+    "finite_differences",
+    "finite_differences_blocked",
+    "surrogate",
+]
 
 Estimator = Callable[[jax.Array, jax.Array, jax.Array], tuple]
 
@@ -94,5 +103,47 @@ def finite_differences(
         diff = losses[0] - losses[1]  # [samples, B]
         grad = jnp.einsum("sb,sbd->bd", diff, u) / (2.0 * sigma * samples)
         return 0.5 * (losses[0] + losses[1]).mean(0), grad.reshape(x.shape), None
+
+    return estimate
+
+
+def finite_differences_blocked(
+    logits_fn: LogitsFn, loss_fn: LossFn, *, samples: int, sigma: float, block_size: int
+) -> Estimator:
+    """`finite_differences` with at most ``block_size`` antithetic pairs in memory at once.
+
+    The ``samples`` pairs are drawn in ``ceil(samples / block)`` blocks of ``block =
+    min(block_size, samples)`` (pairs past ``samples`` in the last block get weight 0), each
+    block one batch of ``2 * block * B`` forward passes; a ``lax.scan`` over the blocks sums
+    ``(L(x + sigma u) - L(x - sigma u)) u``, so peak memory does not grow with ``samples``.
+    Block ``j`` draws its noise from ``fold_in(key, j)``.
+    """
+    if samples < 1 or sigma <= 0 or block_size < 1:
+        raise ValueError(
+            "finite_differences_blocked: need samples >= 1, sigma > 0, block_size >= 1; got "
+            f"{samples}, {sigma}, {block_size}."
+        )
+    block = min(block_size, samples)
+    n_blocks = -(-samples // block)
+
+    def estimate(x, y, key):
+        b = x.shape[0]
+        y2 = jnp.tile(y, 2 * block)
+
+        def one_block(carry, j):
+            grad_sum, loss_sum = carry
+            u = jax.random.normal(jax.random.fold_in(key, j), (block,) + x.shape, x.dtype)
+            xs = jnp.concatenate([x[None] + sigma * u, x[None] - sigma * u])
+            losses = loss_fn(logits_fn(xs.reshape((2 * block * b,) + x.shape[1:])), y2)
+            losses = losses.reshape(2, block, b)
+            valid = (j * block + jnp.arange(block) < samples).astype(losses.dtype)[:, None]
+            diff = (losses[0] - losses[1]) * valid  # [block, B]
+            grad_sum = grad_sum + jnp.einsum("sb,sb...->b...", diff, u)
+            loss_sum = loss_sum + jnp.sum((losses[0] + losses[1]) * valid, axis=0)
+            return (grad_sum, loss_sum), None
+
+        init = (jnp.zeros_like(x), jnp.zeros((b,), jnp.float32))
+        (grad_sum, loss_sum), _ = jax.lax.scan(one_block, init, jnp.arange(n_blocks))
+        return loss_sum / (2.0 * samples), grad_sum / (2.0 * sigma * samples), None
 
     return estimate

@@ -16,9 +16,11 @@ __all__ = [
     "LossFn",
     "cross_entropy",
     "dlr",
+    "dlr_targeted",
     "get_loss",
     "margin",
     "loss_and_grad",
+    "top_other_classes",
 ]
 
 # The model as attacks see it: ``[B, H, W, C]`` float32 images in [0, 1] -> ``[B, classes]``
@@ -62,6 +64,32 @@ def dlr(logits: jax.Array, y: jax.Array) -> jax.Array:
     z_y, z_other = _true_and_best_other(logits, y)
     top3 = jax.lax.top_k(logits, 3)[0]
     return (z_other - z_y) / (top3[:, 0] - top3[:, 2] + 1e-12)
+
+
+def dlr_targeted(logits: jax.Array, y: jax.Array, target: jax.Array) -> jax.Array:
+    """Targeted DLR (Croce & Hein 2020, the loss of APGD-T); ``[B, C], [B], [B] -> [B]``.
+
+    ``-(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2 + 1e-12)`` with ``z_(i)`` the sorted logits:
+    maximised, it pushes the target logit ``z_t`` above the true one; like `dlr` it is invariant
+    to shifting and scaling the logits. Needs at least 4 classes. Not in `LOSSES` (it takes the
+    target too): pass ``functools.partial(dlr_targeted, target=t)`` where a loss is expected.
+    """
+    logits = logits.astype(jnp.float32)
+    if logits.shape[-1] < 4:
+        raise ValueError(f"dlr_targeted: needs at least 4 classes; got {logits.shape[-1]}.")
+    z_y = jnp.take_along_axis(logits, y[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    z_t = jnp.take_along_axis(logits, target[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    top4 = jax.lax.top_k(logits, 4)[0]
+    return (z_t - z_y) / (top4[:, 0] - 0.5 * (top4[:, 2] + top4[:, 3]) + 1e-12)
+
+
+def top_other_classes(logits: jax.Array, y: jax.Array, n: int) -> jax.Array:
+    """The ``n`` classes other than ``y`` with the largest logits, best first: ``[B, C], [B] ->
+    [B, n]`` int32 (the target classes of APGD-T and FAB-T, ranked on the clean logits)."""
+    if not 1 <= n < logits.shape[-1]:
+        raise ValueError(f"top_other_classes: need 1 <= n < {logits.shape[-1]}; got {n}.")
+    onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=bool)
+    return jax.lax.top_k(jnp.where(onehot, -jnp.inf, logits.astype(jnp.float32)), n)[1]
 
 
 LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "margin": margin, "cw": margin, "dlr": dlr}

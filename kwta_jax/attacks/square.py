@@ -14,6 +14,7 @@ from collections.abc import Callable
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from kwta_jax.attacks.losses import margin
@@ -21,7 +22,8 @@ from kwta_jax.attacks.projections import project
 
 __all__ = ["square", "square_fraction"]
 
-_BOUNDS = jnp.asarray([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000])
+# A NumPy constant: a module-level jnp array would start the JAX backend at import time.
+_BOUNDS = np.asarray([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000])
 
 
 def square_fraction(i, queries: int, p_init: float):
