@@ -21,7 +21,13 @@ from jax import lax
 from kwta_jax.attacks import gradients
 from kwta_jax.attacks.losses import LossFn, get_loss
 from kwta_jax.attacks.pgd import keep_best
-from kwta_jax.attacks.projections import ascent_direction, check_norm, project, random_init
+from kwta_jax.attacks.projections import (
+    ascent_direction,
+    batch_broadcast,
+    check_norm,
+    project,
+    random_init,
+)
 
 __all__ = ["apgd", "apgd_checkpoints"]
 
@@ -38,10 +44,6 @@ def apgd_checkpoints(steps: int) -> tuple[np.ndarray, np.ndarray]:
         w = max(w - shrink, smallest)
         i += w
     return is_ck, window
-
-
-def _bcast(v, like):
-    return v.reshape(v.shape + (1,) * (like.ndim - 1))
 
 
 def apgd(
@@ -94,7 +96,9 @@ def apgd(
 
         def step(i, c):
             a = jnp.where(i == 0, 1.0, alpha)  # no momentum on the first step
-            z = project(c["x"] + _bcast(c["eta"], x) * ascent_direction(c["g"], norm), x, eps, norm)
+            z = project(
+                c["x"] + batch_broadcast(c["eta"], x) * ascent_direction(c["g"], norm), x, eps, norm
+            )
             x_new = project(
                 c["x"] + a * (z - c["x"]) + (1 - a) * (c["x"] - c["x_prev"]), x, eps, norm
             )
@@ -102,14 +106,14 @@ def apgd(
             best_x, best_m = keep_best(c["best_x"], c["best_m"], x_new, logits, y)
             n_up = c["n_up"] + (f > c["f"])
             improved = f > c["f_best"]
-            x_top = jnp.where(_bcast(improved, x), x_new, c["x_top"])
-            g_top = jnp.where(_bcast(improved, x), g, c["g_top"])
+            x_top = jnp.where(batch_broadcast(improved, x), x_new, c["x_top"])
+            g_top = jnp.where(batch_broadcast(improved, x), g, c["g_top"])
             f_best = jnp.where(improved, f, c["f_best"])
             # Checkpoint: halve the step of stalled examples and restart them from their best.
             osc = n_up <= rho * window[i]
             no_progress = ~c["halved"] & (c["f_best_ck"] >= f_best)
             halve = is_ck[i] & (osc | no_progress)
-            back = _bcast(halve, x)
+            back = batch_broadcast(halve, x)
             x_cur = jnp.where(back, x_top, x_new)
             return dict(
                 x=x_cur,

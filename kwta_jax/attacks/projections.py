@@ -50,7 +50,7 @@ def lp_norm(delta: jax.Array, norm: str) -> jax.Array:
     return jnp.sqrt(_per_example(jnp.sum, jnp.square(delta)))
 
 
-def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
+def batch_broadcast(v: jax.Array, like: jax.Array) -> jax.Array:
     """``[B]`` -> ``[B, 1, 1, ...]`` broadcastable against ``like``."""
     return v.reshape(v.shape + (1,) * (like.ndim - 1))
 
@@ -68,7 +68,7 @@ def project(x_adv: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
         delta = jnp.clip(delta, -eps, eps)
     else:
         n = lp_norm(delta, "l2")
-        delta = delta * _bcast(jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12)), delta)
+        delta = delta * batch_broadcast(jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12)), delta)
     return jnp.clip(x + delta, 0.0, 1.0)
 
 
@@ -79,7 +79,7 @@ def ascent_direction(g: jax.Array, norm: str) -> jax.Array:
     check_norm(norm)
     if norm == "linf":
         return jnp.sign(g)
-    return g / _bcast(jnp.maximum(lp_norm(g, "l2"), 1e-12), g)
+    return g / batch_broadcast(jnp.maximum(lp_norm(g, "l2"), 1e-12), g)
 
 
 def random_init(key: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
@@ -93,7 +93,7 @@ def random_init(key: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
         d = int(np.prod(x.shape[1:]))
         direction = ascent_direction(jax.random.normal(k_dir, x.shape, x.dtype), "l2")
         radius = jax.random.uniform(k_rad, (x.shape[0],), x.dtype) ** (1.0 / d) * eps
-        delta = direction * _bcast(radius, x)
+        delta = direction * batch_broadcast(radius, x)
     return project(x + delta, x, eps, norm)
 
 
@@ -101,7 +101,7 @@ def keep_within_eps(x_adv: jax.Array, dist: jax.Array, x: jax.Array, eps, norm: 
     """The eps-constrained result of a minimum-norm attack: per example ``x_adv`` where its
     found perturbation norm ``dist [B]`` is at most ``eps``, else the clean ``x``; projected
     (a no-op on valid inputs) so the threat model holds by construction."""
-    within = _bcast(dist <= eps, x)
+    within = batch_broadcast(dist <= eps, x)
     return jax.lax.stop_gradient(project(jnp.where(within, x_adv, x), x, eps, norm))
 
 
