@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from kwta_jax.keys import key_dtype, rank_keys
+from kwta_jax.rank_keys import key_dtype, rank_keys
 
 __all__ = [
     "FLAGS",
@@ -271,7 +271,7 @@ def kwta_rows_cpu(x2d: jax.Array, k: int, use_abs: bool) -> tuple[jax.Array, jax
     Returns:
       ``(y2d, threshold_key)``: ``y2d`` of the shape and dtype of ``x2d`` holding ``x`` where
       ``rank_keys(x) >= threshold_key[..., None]`` and ``+0`` elsewhere; ``threshold_key``
-      ``x2d.shape[:-1]``, the unsigned key dtype of ``x2d`` (`kwta_jax.keys.key_dtype`): each
+      ``x2d.shape[:-1]``, the unsigned key dtype of ``x2d`` (`kwta_jax.rank_keys.key_dtype`): each
       row's exact k-th largest rank key.
 
     Raises:

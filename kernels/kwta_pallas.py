@@ -6,7 +6,7 @@ wrapper (``pallas_call`` has no transpose rule), side by side. `kwta_rows_pallas
 a `jax.custom_jvp`, so the op can be differentiated any number of times (``jax.hessian``).
 
 Algorithm (one launch, no sort). Each program instance owns ``block_rows`` rows and
-1. maps floats to order-preserving integer keys (the same order as `kwta_jax.keys.rank_keys`:
+1. maps floats to order-preserving integer keys (the same order as `kwta_jax.rank_keys.rank_keys`:
    ``-0 == +0``, NaNs tie above ``+inf``), computed in float32 for every input dtype (16-bit
    floats widen exactly and monotonically);
 2. finds the exact k-th largest key by a most-significant-digit-first radix search over its
@@ -57,8 +57,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kwta_jax.keys import apply_threshold, key_dtype, rank_keys
-from kwta_jax.select import kwta_rows_select
+from kwta_jax.rank_keys import apply_threshold, key_dtype, rank_keys
+from kwta_jax.selection import kwta_rows_select
 
 try:  # Pallas's Triton backend is deprecated in jax 0.11 and may be removed later.
     from jax.experimental.pallas import triton as _pltriton
@@ -541,7 +541,7 @@ def kwta_rows_pallas(
 
     Args:
       x2d: ``[rows, n]`` float32, bfloat16 or float16 (float64 is delegated to
-        `kwta_jax.select.kwta_rows_select`: TPUs have no float64 and the kernel's keys are
+        `kwta_jax.selection.kwta_rows_select`: TPUs have no float64 and the kernel's keys are
         32-bit).
       k: winners per row, ``1 <= k <= n``.
       use_abs: rank by ``|x|``.

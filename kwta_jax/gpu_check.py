@@ -56,7 +56,7 @@ from kwta_jax.kernels.kwta_pallas import (
 from kwta_jax.layers import iter_kwta_layers
 from kwta_jax.models import create_model
 from kwta_jax.ops import kwta, resolve_impl
-from kwta_jax.select import kwta_rows_select
+from kwta_jax.selection import kwta_rows_select
 from kwta_jax.training import TrainState, train_step
 
 __all__ = ["main", "run_checks"]

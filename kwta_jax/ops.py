@@ -46,8 +46,8 @@ from jax import lax
 
 from kwta_jax.kernels.kwta_cpu import cpu_kernel_available, kwta_rows_cpu
 from kwta_jax.kernels.kwta_pallas import kwta_rows_pallas, triton_available
-from kwta_jax.keys import apply_threshold, key_dtype, rank_keys, transpose_bits
-from kwta_jax.select import kwta_rows_select
+from kwta_jax.rank_keys import apply_threshold, key_dtype, rank_keys, transpose_bits
+from kwta_jax.selection import kwta_rows_select
 
 __all__ = [
     "GROUPS",
@@ -100,7 +100,7 @@ def kwta_rows_topk(x2d: jax.Array, k: int, use_abs: bool) -> tuple[jax.Array, ja
 # Every implementation must agree bit-for-bit with "topk". Kernel modules add theirs here.
 IMPLEMENTATIONS: dict[str, RowImpl] = {
     "topk": kwta_rows_topk,
-    # Plain XLA interpolation search on counts (kwta_jax/select.py): any backend.
+    # Plain XLA interpolation search on counts (kwta_jax/selection.py): any backend.
     "select": kwta_rows_select,
     # Fused Pallas kernel (kernels/kwta_pallas.py): Triton on GPU, Mosaic on TPU, interpret
     # mode (slow) on CPU.

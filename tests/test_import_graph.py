@@ -46,8 +46,8 @@ LAYERS: dict[str, int] = {
     "attack": 8,
 }
 OP_LAYER = 1
-OP_MODULES = ("kwta_jax", "kwta_jax.keys", "kwta_jax.select", "kwta_jax.ops", "kwta_jax.layers",
-              "kwta_jax.benchmark")  # fmt: skip
+OP_MODULES = ("kwta_jax", "kwta_jax.rank_keys", "kwta_jax.selection", "kwta_jax.ops",
+              "kwta_jax.layers", "kwta_jax.benchmark")  # fmt: skip
 OP_PACKAGES = ("kwta_jax.kernels", "kwta_jax.attacks")
 
 # Function-level project imports in files this refactor may not edit; each is harmless (no

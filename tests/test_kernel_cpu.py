@@ -28,8 +28,8 @@ from kwta_jax.kernels.kwta_cpu import (
 from kwta_reference import numpy_kwta, same_bits
 
 from kwta_jax import kwta
-from kwta_jax.keys import rank_keys
 from kwta_jax.ops import kwta_rows_topk, resolve_impl
+from kwta_jax.rank_keys import rank_keys
 
 # Only the tests that run the compiled kernel skip without a compiler: the fallback tests
 # (no compiler, no home directory) are exactly the ones that matter on such a machine.

@@ -20,7 +20,7 @@ from kwta_jax.kernels.kwta_pallas import (
 )
 
 from kwta_jax import kwta
-from kwta_jax.keys import rank_keys
+from kwta_jax.rank_keys import rank_keys
 
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 2.0, -2.0, np.inf, -np.inf, np.nan, -np.nan, 1e-40, 6e4]
 # (rows, n, k): n=300 with block_cols=128 gives three tiles per row, the last one ragged;

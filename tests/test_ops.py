@@ -21,8 +21,8 @@ from kwta_jax.kernels.kwta_cpu import cpu_kernel_available
 from kwta_reference import numpy_kwta, same_bits
 
 from kwta_jax import kwta, kwta_bpda, kwta_mask, num_winners
-from kwta_jax.keys import rank_keys
 from kwta_jax.ops import IMPLEMENTATIONS, competition_axes
+from kwta_jax.rank_keys import rank_keys
 
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 SPECIALS = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan]

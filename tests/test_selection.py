@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kwta_jax import kwta
-from kwta_jax.keys import rank_keys
 from kwta_jax.ops import kwta_rows_topk
-from kwta_jax.select import kwta_rows_select, select_threshold_keys
+from kwta_jax.rank_keys import rank_keys
+from kwta_jax.selection import kwta_rows_select, select_threshold_keys
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Values that stress the ordering: many ties, signed zeros, infinities, NaNs of both signs,

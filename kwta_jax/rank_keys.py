@@ -79,7 +79,12 @@ def _where_bits_jvp(primals, tangents):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def transpose_bits(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
-    """``jnp.transpose(x, perm)`` moved as bit patterns (see `where_bits`); differentiable."""
+    """``jnp.transpose(x, perm)`` moved as bit patterns (see `where_bits`); differentiable.
+
+    Non-floating arrays (a boolean mask) are transposed as they are.
+    """
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.transpose(x, perm)
     kdt = key_dtype(x.dtype)
     return lax.bitcast_convert_type(jnp.transpose(lax.bitcast_convert_type(x, kdt), perm), x.dtype)
 

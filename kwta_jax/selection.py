@@ -2,7 +2,7 @@
 
 `jax.lax.top_k` on XLA:CPU sorts whole rows (about 100x a ReLU on ``[128, 65536]``), and a
 32-step bit bisection is exact but costs one full pass over the data per bit. This module finds
-each row's exact k-th largest rank key (see `kwta_jax.keys.rank_keys`) with a handful of
+each row's exact k-th largest rank key (see `kwta_jax.rank_keys.rank_keys`) with a handful of
 passes, by *interpolation search on counts*:
 
 1. A strided sample of each row (about ``2 sqrt(n)`` keys, at most 512, sorted) proposes the
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kwta_jax.keys import apply_threshold, key_dtype, rank_keys
+from kwta_jax.rank_keys import apply_threshold, key_dtype, rank_keys
 
 __all__ = ["default_unrolled_passes", "kwta_rows_select", "select_threshold_keys"]
 
