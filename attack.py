@@ -66,8 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [a for a in args.attacks if a not in ATTACKS and a != "all"]
     if unknown:
         parser.error(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)} or 'all'")
-    if args.eps is not None and min(args.eps) <= 0:
-        parser.error(f"--eps values must be > 0; got {args.eps}")
+    # flags.positive: > 0 and finite (nan and inf are not radii).
+    if args.eps is not None and any(flags.positive(e) for e in args.eps):
+        parser.error(f"--eps values must be > 0 and finite; got {args.eps}")
     if args.n_examples <= 0 or args.batch_size <= 0:
         parser.error("--n-examples and --batch-size must be positive")
     if args.norm == "l2" and "square" in args.attacks:

@@ -355,6 +355,7 @@ def test_cli_refuses_to_clobber_an_existing_run(capsys, comparison):
 
 @pytest.mark.slow
 def test_cli_missing_dataset_is_a_one_line_error_without_traceback(tmp_path):
+    (tmp_path / "tfds").mkdir()  # there, but without the dataset (a missing one: test_data)
     proc = subprocess.run(
         [sys.executable, "train.py", "--dataset", "svhn_cropped", "--data-dir",
          str(tmp_path / "tfds"), "--out", str(tmp_path / "out")],
@@ -393,6 +394,10 @@ def test_cli_experiment_rejects_options_the_preset_fixes(capsys, tmp_path):
 
 
 def test_cli_experiment_without_its_data_stops_at_start_up(capsys, tmp_path):
+    err = _cli_error(capsys, "--experiment", "seed-3", "--data-dir", str(tmp_path / "empty"))
+    assert "train.py: error: dataset 'cifar10': --data-dir" in err
+    assert "directory does not exist" in err
+    (tmp_path / "empty").mkdir()
     err = _cli_error(capsys, "--experiment", "seed-3", "--data-dir", str(tmp_path / "empty"))
     assert "train.py: error: dataset 'cifar10' is not available offline" in err
 
