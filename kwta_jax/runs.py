@@ -52,6 +52,7 @@ __all__ = [
     "save_training_state",
     "write_atomic",
     "write_config",
+    "write_json_atomic",
     "write_metrics",
 ]
 
@@ -70,8 +71,20 @@ class RunDirError(ValueError):
 def write_atomic(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves neither half a file nor a temporary
+        raise
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """``payload`` as indented JSON (NumPy scalars as floats), through `write_atomic`."""
+    write_atomic(Path(path), json.dumps(payload, indent=2, default=float) + "\n")
 
 
 def make_run_config(config: TrainConfig, spec: ModelSpec) -> dict:

@@ -505,7 +505,7 @@ def evaluate_run_dirs(
         payload["runs"].append(res.to_dict())
         reports.plot_examples(res, out / f"examples_{run.name}.png")
     reports.plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
-    reports.save_json(payload, out / "results.json")
+    runs.write_json_atomic(out / "results.json", payload)  # never a truncated results.json
     log(f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_eps.png'} and example grids")
     return payload
 
@@ -551,9 +551,9 @@ def run_experiment(
     report = reports.build_report(experiment, payload)
     report["train_summary"] = summary
     report["budget"] = budget
-    (out / "experiment.json").write_text(json.dumps(report, indent=2) + "\n")
+    runs.write_json_atomic(out / "experiment.json", report)
     table = reports.format_report(report)
-    (out / "table.md").write_text(table + "\n")
+    runs.write_atomic(out / "table.md", table + "\n")
     reports.plot_report(report, out / "accuracy_vs_eps.png")
     log("\n" + table)
     log(f"\nwrote {out / 'table.md'}, {out / 'experiment.json'}, {out / 'accuracy_vs_eps.png'}")
