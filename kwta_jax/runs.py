@@ -87,9 +87,16 @@ def write_json_atomic(path: Path, payload) -> None:
     write_atomic(Path(path), json.dumps(payload, indent=2, default=float) + "\n")
 
 
+def _recorded(config: dict) -> dict:
+    """A config dict as ``config.json`` records it: a ReLU run has no winner ratio, so its
+    ``"ratio"`` is null (as in ``summary.json``), whatever ``--ratio`` said."""
+    return dict(config, ratio=None) if config.get("act") == "relu" else config
+
+
 def make_run_config(config: TrainConfig, spec: ModelSpec) -> dict:
     """The ``config.json`` dict of a resolved ``config`` whose model is ``spec``."""
-    return {**config.to_dict(), "model_kwargs": spec.to_kwargs(), "kwta_jax_version": __version__}
+    return {**_recorded(config.to_dict()), "model_kwargs": spec.to_kwargs(),
+            "kwta_jax_version": __version__}  # fmt: skip
 
 
 def read_config(run_dir) -> dict:
@@ -152,7 +159,8 @@ def _saved_config(run_dir: Path) -> dict | None:
 
 def _config_changes(saved: dict, config: TrainConfig) -> str:
     """``"field: old -> new, ..."`` between a saved ``config.json`` and ``config``."""
-    current = config.resolved().to_dict()
+    # ReLU runs written before "ratio" was recorded as null compare equal too.
+    current, saved = _recorded(config.resolved().to_dict()), _recorded(saved)
     diff = sorted(k for k in _comparable(current) if k in saved and saved[k] != current[k])
     return ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in diff)
 

@@ -19,7 +19,7 @@ from kwta_jax import data
 from kwta_jax.layers import KWTA, iter_kwta_layers
 from kwta_jax.models import build_model_from_config, split_model
 from kwta_jax.reports import format_comparison
-from kwta_jax.runs import RunDirError, check_run_dir, load_trained_model
+from kwta_jax.runs import RunDirError, check_run_dir, load_trained_model, read_config
 from kwta_jax.training import TrainConfig, TrainState, anneal_ratio, create_optimizer, train_step
 from kwta_jax.workflows import (
     make_pgd_perturb,
@@ -256,6 +256,9 @@ def test_comparison_summary_and_table(comparison):
             assert 0.0 <= r["fgsm_accuracy"][eps] <= r["clean_accuracy"]
         assert r["fgsm_accuracy"]["0.2"] <= r["fgsm_accuracy"]["0.1"] + 0.05
     assert summary["runs"]["kwta"]["ratio"] == 0.1 and summary["runs"]["relu"]["ratio"] is None
+    # config.json agrees with summary.json: a ReLU run has no ratio.
+    for act, r in summary["runs"].items():
+        assert read_config(r["run_dir"])["ratio"] == r["ratio"], act
     table = format_comparison(summary)
     assert "FGSM 0.1" in table and "FGSM 0.2" in table
     assert any(line.strip().startswith("kwta") for line in table.splitlines())
