@@ -97,11 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     dist.add_argument(
         "--num-processes", type=flags.checked(flags.integer, flags.at_least_one), default=None,
-        help="number of processes (implies --distributed)",
+        metavar="N", help="number of processes (implies --distributed)",
     )  # fmt: skip
     dist.add_argument(
         "--process-id", type=flags.checked(flags.integer, flags.non_negative), default=None,
-        help="this process's id, 0 .. N-1 (implies --distributed)",
+        metavar="I", help="this process's id, 0 .. N-1 (implies --distributed)",
     )  # fmt: skip
     exp = parser.add_argument_group(
         "experiments", "the write-up's six ReLU-vs-k-WTA experiments, trained then attacked"
