@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from kwta_jax import __version__
@@ -310,7 +311,8 @@ def restore_training_state(
     """
     _, restored, bad = ckpt.restore_latest(log=log)
     for step in bad:
-        log(f"moved corrupt checkpoint aside: {ckpt.quarantine(step)}")
+        if jax.process_index() == 0:  # multi-host: one process moves it (a shared directory)
+            log(f"moved corrupt checkpoint aside: {ckpt.quarantine(step)}")
     meta = restored["meta"]
     params, rest = unflatten_tree((state.params, state.rest), restored["model"], meta["model_spec"])
     step, opt_state, key = unflatten_tree(

@@ -119,8 +119,15 @@ def _sync(name: str) -> None:
 def initialize(distributed: bool | dict | None) -> None:
     """`kwta_jax.training.initialize_distributed` when ``distributed`` is true: ``True`` for
     the cluster of the environment, or a dict of `jax.distributed.initialize` keywords."""
-    if distributed or isinstance(distributed, dict):
+    if not (distributed or isinstance(distributed, dict)):
+        return
+    try:
         training.initialize_distributed(**(distributed if isinstance(distributed, dict) else {}))
+    except (ValueError, TypeError) as e:  # no cluster found, or inconsistent arguments
+        raise ConfigError(
+            f"--distributed: {str(e).strip().splitlines()[0]} (outside SLURM / Open MPI / "
+            "Kubernetes, give --coordinator-address, --num-processes and --process-id)"
+        ) from None
 
 
 def check_batch_fits(config: TrainConfig, dataset: data.Dataset, mesh: Mesh) -> None:
@@ -243,6 +250,7 @@ def train_and_evaluate(
         state, start_epoch, history, resumed = _start_or_resume(
             ckpt, state, run_dir, resume=mode == "resume", log=log
         )
+        _sync(f"restored {run_dir}")  # process 0 has moved corrupt steps aside
         if start_epoch > config.epochs:  # a checkpoint past the saved config.json's epochs
             raise runs.RunDirError(
                 f"cannot resume {run_dir} with --epochs {config.epochs}: its checkpoints "

@@ -119,3 +119,17 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["devices"] == 2
+
+
+def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path):
+    env = {k: v for k, v in _env().items() if not k.startswith(("SLURM_", "OMPI_", "JAX_COORD"))}
+    out = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, "train.py", *_TRAIN, "--distributed", "--out", str(out)], cwd=REPO,
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")]
+    assert "--distributed" in line and "--coordinator-address" in line
+    assert not out.exists()
