@@ -9,12 +9,12 @@
     python train.py --list-experiments
 
 Each activation is trained into OUT/<act>/ (config.json, metrics.jsonl, orbax checkpoints
-after every epoch, curves.png); OUT/summary.json holds the comparison printed at the end.
-A killed run continues with --resume. With --experiment, a preset of kwta_jax.experiments
-trains both models and then runs the attack suite (OUT defaults to runs/experiments/NAME).
-This file parses the options into TrainConfig (whose fields declare the training flags) and
-makes one call into kwta_jax.workflows, which checks the run directories and the data before
-any training; it owns the progress bars.
+of the last --keep-checkpoints epochs, curves.png); OUT/summary.json holds the comparison
+printed at the end. A killed run continues with --resume. With --experiment, a preset of
+kwta_jax.experiments trains both models and then runs the attack suite (OUT defaults to
+runs/experiments/NAME). This file parses the options into TrainConfig (whose fields declare
+the training flags) and makes one call into kwta_jax.workflows, which checks the run
+directories and the data before any training; it owns the progress bars.
 """
 
 from __future__ import annotations

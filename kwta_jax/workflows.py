@@ -190,7 +190,8 @@ def train_and_evaluate(
     stop_after_epochs: int | None = None,
     keep_checkpoints: int = 3,
 ) -> RunResult:
-    """Trains one model into ``run_dir`` with a checkpoint after every epoch.
+    """Trains one model into ``run_dir`` with a checkpoint after every epoch (the last
+    ``keep_checkpoints`` stay on disk).
 
     Args:
       config: the run's `TrainConfig` (validated here).
