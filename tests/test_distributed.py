@@ -75,36 +75,13 @@ def _final_params(run_dir: Path) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
-    port = _free_port()
-    dist = ["--out", str(tmp_path / "two"), "--coordinator-address", f"127.0.0.1:{port}",
-            "--num-processes", "2"]  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "train.py", *_TRAIN, *dist, "--process-id", str(i)],
-            cwd=REPO,
-            env=_env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    procs = _start_two(tmp_path / "two")
     one = subprocess.run(
         [sys.executable, "train.py", *_TRAIN, "--out", str(tmp_path / "one")], cwd=REPO,
         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), capture_output=True,
         text=True, timeout=240,
     )  # fmt: skip
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=240))
-    finally:
-        for p in procs:  # a process whose peer died waits for it: never leave one behind
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    outputs = _finish(procs)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "on 2 cpu device(s)" in outputs[0][0] and "on 2 cpu device(s)" in one.stdout
 
@@ -119,6 +96,45 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["devices"] == 2
+
+    # Both processes resume from the shared checkpoint and train one more epoch.
+    outputs = _finish(_start_two(tmp_path / "two", "--resume", "--epochs", "2"))
+    assert all("resumed after epoch 1" in out for out, _ in outputs)
+    history = [json.loads(x) for x in (two_run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2] and history[0] == two_m
+
+
+def _start_two(out: Path, *extra: str) -> list[subprocess.Popen]:
+    """``train.py`` as processes 0 and 1 of a 2-process cluster on localhost."""
+    dist = ["--out", str(out), "--coordinator-address", f"127.0.0.1:{_free_port()}",
+            "--num-processes", "2"]  # fmt: skip
+    return [
+        subprocess.Popen(
+            [sys.executable, "train.py", *_TRAIN, *dist, *extra, "--process-id", str(i)],
+            cwd=REPO,
+            env=_env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
+    """Their ``(stdout, stderr)`` once both exit 0 (bounded: 240 s)."""
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=240))
+    finally:
+        for p in procs:  # a process whose peer died waits for it: never leave one behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return outputs
 
 
 def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path):
