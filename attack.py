@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kwta_jax import flags, workflows
+from kwta_jax import flags, runs, workflows
 from kwta_jax.checkpointing import CheckpointError
 from kwta_jax.evaluation import ATTACKS, BUDGETS, DEFAULT_EPS, DEFAULT_SUITE
+from kwta_jax.runs import RunDirError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,8 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [a for a in args.attacks if a not in ATTACKS and a != "all"]
     if unknown:
         parser.error(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)} or 'all'")
-    if args.eps is not None and min(args.eps) <= 0:
-        parser.error(f"--eps values must be > 0; got {args.eps}")
+    # flags.positive: > 0 and finite (nan and inf are not radii).
+    if args.eps is not None and any(flags.positive(e) for e in args.eps):
+        parser.error(f"--eps values must be > 0 and finite; got {args.eps}")
     if args.n_examples <= 0 or args.batch_size <= 0:
         parser.error("--n-examples and --batch-size must be positive")
     if args.norm == "l2" and "square" in args.attacks:
@@ -85,6 +88,8 @@ def _bars(enabled: bool):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        # Before loading anything: the results must be writable (default: RUN_DIR/attack).
+        runs.check_writable(args.out if args.out is not None else Path(args.run_dir) / "attack")
         workflows.evaluate_run_dirs(
             args.run_dir, attack_names=args.attacks, eps_values=args.eps, norm=args.norm,
             n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
@@ -92,9 +97,10 @@ def main(argv=None) -> int:
             diagnose=not args.no_diagnostics, progress=_bars(not args.no_progress),
             log=tqdm.write,
         )  # fmt: skip
-    except (CheckpointError, FileNotFoundError) as e:
-        # No run there, a run that cannot be loaded, or its dataset is not here: user errors,
-        # found before any attack runs.
+    except (CheckpointError, RunDirError, OSError) as e:
+        # No run there, a run that cannot be loaded, its dataset is not here, or an output
+        # directory that cannot be written (read-only, full): one line, no traceback.
+        # results.json is replaced atomically, so an older one survives a failed write.
         print(f"attack.py: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -9,12 +9,12 @@
     python train.py --list-experiments
 
 Each activation is trained into OUT/<act>/ (config.json, metrics.jsonl, orbax checkpoints
-after every epoch, curves.png); OUT/summary.json holds the comparison printed at the end.
-A killed run continues with --resume. With --experiment, a preset of kwta_jax.experiments
-trains both models and then runs the attack suite (OUT defaults to runs/experiments/NAME).
-This file parses the options into TrainConfig (whose fields declare the training flags) and
-makes one call into kwta_jax.workflows, which checks the run directories and the data before
-any training; it owns the progress bars.
+of the last --keep-checkpoints epochs, curves.png); OUT/summary.json holds the comparison
+printed at the end. A killed run continues with --resume. With --experiment, a preset of
+kwta_jax.experiments trains both models and then runs the attack suite (OUT defaults to
+runs/experiments/NAME). This file parses the options into TrainConfig (whose fields declare
+the training flags) and makes one call into kwta_jax.workflows, which checks the run
+directories and the data before any training; it owns the progress bars.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import sys
 from tqdm.auto import tqdm
 
 from kwta_jax import flags, workflows
-from kwta_jax.config import TrainConfig
+from kwta_jax.checkpointing import CheckpointError
+from kwta_jax.config import ConfigError, TrainConfig
 from kwta_jax.data import DatasetUnavailableError
 from kwta_jax.evaluation import BUDGETS
 from kwta_jax.experiments import (
@@ -46,6 +47,7 @@ CONFIG_FLAGS = flags.flag_names(TrainConfig)
 # With --experiment, the preset defines these options (its FGSM radii included).
 _TRAINING_ONLY = (*(set(CONFIG_FLAGS) - set(OVERRIDABLE_FIELDS)), "eps")
 _UNSET = object()
+_NOT_REPEATED = ("--resume", "--overwrite")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,13 +70,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the runs in --out from their last "
         "good checkpoint (a finished run is only re-evaluated)",
     )
-    add("--overwrite", action="store_true", help="delete previous runs in --out first")
-    add("--no-progress", action="store_true", help="no tqdm progress bars")
     add(
+        "--overwrite",
+        action="store_true",
+        help="delete previous runs in --out first (with their summary.json and attack/ results)",
+    )
+    add(
+        "--keep-checkpoints", type=flags.checked(flags.integer, flags.at_least_one), default=3,
+        metavar="N", help="keep the checkpoints of the last N epochs (older ones are deleted)",
+    )  # fmt: skip
+    add("--no-progress", action="store_true", help="no tqdm progress bars")
+    dist = parser.add_argument_group(
+        "multi-host", "one process per host, all with the same options and a shared --out "
+        "(docs/training.md)",
+    )  # fmt: skip
+    dist.add_argument(
         "--distributed",
         action="store_true",
-        help="multi-host: call jax.distributed.initialize() (cluster from the environment)",
+        help="call jax.distributed.initialize() before any JAX work; on SLURM / Open MPI / "
+        "Kubernetes the cluster comes from the environment, elsewhere give the three options "
+        "below (or JAX_COORDINATOR_ADDRESS)",
     )
+    dist.add_argument(
+        "--coordinator-address", metavar="HOST:PORT", default=None,
+        help="address of process 0's coordinator (implies --distributed)",
+    )  # fmt: skip
+    dist.add_argument(
+        "--num-processes", type=flags.checked(flags.integer, flags.at_least_one), default=None,
+        metavar="N", help="number of processes (implies --distributed)",
+    )  # fmt: skip
+    dist.add_argument(
+        "--process-id", type=flags.checked(flags.integer, flags.non_negative), default=None,
+        metavar="I", help="this process's id, 0 .. N-1 (implies --distributed)",
+    )  # fmt: skip
     exp = parser.add_argument_group(
         "experiments", "the write-up's six ReLU-vs-k-WTA experiments, trained then attacked"
     )
@@ -108,6 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
+    args.distributed = _distributed_options(parser, args)
     if args.list_experiments or args.experiment is not None:
         return _check_experiment_args(parser, args, argv)
 
@@ -124,6 +153,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(e))
     args.config = configs[0]
     return args
+
+
+def _distributed_options(parser, args) -> dict | None:
+    """The keywords of `jax.distributed.initialize` (None: a single process)."""
+    given = {k: getattr(args, k) for k in ("coordinator_address", "num_processes", "process_id")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not (args.distributed or given):
+        return None
+    if "process_id" in given and "num_processes" in given:
+        if given["process_id"] >= given["num_processes"]:
+            parser.error(f"--process-id {given['process_id']} must be < --num-processes "
+                         f"{given['num_processes']}")  # fmt: skip
+    return given
 
 
 def _explicit_options(parser: argparse.ArgumentParser, argv) -> set[str]:
@@ -168,13 +210,28 @@ def _warn(message: str) -> None:
     print(f"train.py: {message}", file=sys.stderr)
 
 
+def _error(e) -> int:
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    print(f"train.py: error: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(f"  {line.strip()}", file=sys.stderr)
+    return 2
+
+
+def _resume_command(argv) -> str:
+    """This command line with --resume instead of --overwrite."""
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in _NOT_REPEATED]
+    return " ".join(["python train.py", *argv, "--resume"])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list_experiments:
         print(describe_experiments())
         return 0
     common = dict(resume=args.resume, overwrite=args.overwrite, distributed=args.distributed,
-                  progress=_bars(not args.no_progress), log=tqdm.write)  # fmt: skip
+                  keep_checkpoints=args.keep_checkpoints, progress=_bars(not args.no_progress),
+                  log=tqdm.write)  # fmt: skip
     try:
         if args.experiment is None:
             workflows.compare_activations(args.config, args.out, acts=args.act,
@@ -184,11 +241,18 @@ def main(argv=None) -> int:
             args.experiments, skip_unavailable=args.experiment == "all",
             budget=args.attack_budget, n_examples=args.attack_examples, warn=_warn, **common,
         )  # fmt: skip
-    except (RunDirError, DatasetUnavailableError) as e:
-        # A run directory or dataset that cannot be used, found at start-up before any
-        # training: a one-line error, as argparse's.
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+    except (RunDirError, DatasetUnavailableError, ConfigError) as e:
+        # A run directory, dataset or batch size that cannot be used, found at start-up
+        # before any training (nothing in --out has changed): a one-line error, as argparse's.
+        return _error(e)
+    except (CheckpointError, OSError) as e:
+        # A checkpoint that cannot be read or written, a full disk, a directory that became
+        # unwritable: the finished epochs' checkpoints are intact.
+        return _error(f"{e} (the checkpoints of the finished epochs are intact)")
+    except KeyboardInterrupt:
+        print(f"\ntrain.py: interrupted; the finished epochs are checkpointed, continue with: "
+              f"{_resume_command(argv)}", file=sys.stderr)  # fmt: skip
+        return 130
     if skipped:
         print(f"\nran: {', '.join(ran) or 'none'}; skipped (data not available here): "
               f"{', '.join(skipped)}", file=sys.stderr)  # fmt: skip

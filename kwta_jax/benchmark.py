@@ -229,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_parse_shape,
         nargs="+",
         default=None,
-        help="shapes like 256x512 128x32x32x64 (default: the five of issue 4)",
+        help="shapes like 256x512 128x32x32x64 (default: "
+        + " ".join("x".join(map(str, s)) for s in DEFAULT_SHAPES)
+        + ")",
     )
     parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     parser.add_argument(

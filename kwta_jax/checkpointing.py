@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -140,6 +141,38 @@ class _ReadOnlyNotice(logging.Filter):
         return "directory is read only" not in record.getMessage()
 
 
+class _OrphanedReadNotice(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" (and nothing else)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
+_orphan_filters_installed = False
+
+
+def _silence_orphaned_reads() -> None:
+    """After a failed read: orbax's other reads of that step are abandoned mid-flight, and
+    when they finish (after orbax closed its event loop) asyncio reports each one, as
+    "Event loop is closed" (through `sys.unraisablehook`) or "Task exception was never
+    retrieved" (its logger): tracebacks that look like a crash before the working fallback.
+    Drops exactly those two reports from then on (once per process; everything else passes)."""
+    global _orphan_filters_installed
+    if _orphan_filters_installed:
+        return
+    _orphan_filters_installed = True
+    logging.getLogger("asyncio").addFilter(_OrphanedReadNotice())
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Orbax `CheckpointManager` over ``run_dir/checkpoints`` with verified restore.
 
@@ -226,6 +259,7 @@ class Checkpointer:
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             )["meta"]
         except Exception as e:  # noqa: BLE001 - any read failure means "unusable step"
+            _silence_orphaned_reads()
             raise CheckpointError(f"checkpoint {where} is unreadable (meta: {_short(e)}).") from e
         if not isinstance(meta, dict) or "model_spec" not in meta:
             raise CheckpointError(f"checkpoint {where} has no valid meta item.")
@@ -241,6 +275,7 @@ class Checkpointer:
                     step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
                 )[item]
             except Exception as e:  # noqa: BLE001
+                _silence_orphaned_reads()
                 raise CheckpointError(
                     f"checkpoint {where} is corrupt or partial ({item}: {_short(e)})."
                 ) from e

@@ -27,9 +27,14 @@ from kwta_jax.flags import (
 )
 from kwta_jax.models import ACTIVATIONS, KWTA_SCOPES, MODELS
 
-__all__ = ["OPTIMIZERS", "TrainConfig"]
+__all__ = ["OPTIMIZERS", "ConfigError", "TrainConfig"]
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+
+
+class ConfigError(ValueError):
+    """Options that are valid on their own but cannot work here (a batch size that does not
+    split over the devices or is larger than the dataset); found before any training."""
 
 
 def _parse_anneal(text: str) -> tuple[float, float, int]:

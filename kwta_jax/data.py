@@ -22,6 +22,7 @@ import dataclasses
 import gzip
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -191,6 +192,10 @@ def _open_tfds_source(name: str, split: str, data_dir):
     """The random-access ``tfds.data_source`` of a prepared split (reads no records)."""
     import tensorflow_datasets as tfds
 
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise DatasetUnavailableError(
+            f"dataset {name!r}: --data-dir {data_dir}: directory does not exist."
+        )
     try:
         with quiet_absl():  # tfds logs a warning for every missing metadata folder
             source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)

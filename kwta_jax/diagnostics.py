@@ -153,6 +153,9 @@ def _adaptive_flags(res: EvalResult, iterative: Sequence[str], tol: float) -> li
         only = res.worst_correct(e, iterative) & ~res.correct(a, e)
         flags.append(Flag(
             f"{a}_beats_pgd", gaps[i] > tol, gaps[i], tol,
+            "An EOT attack averages the model's gradient over random transformations of "
+            "the input; beating white-box PGD, which follows the plain gradient, means that "
+            "gradient is masked, noisy or misleading." if res.kinds[a] == "eot" else
             f"A {res.kinds[a]} attack does not use the model's own gradient; beating "
             "white-box PGD means that gradient is masked or misleading.",
             f"{a} {100 * res.accuracy(a, e):.1f}% vs {ref_name} {100 * ref(e):.1f}% "

@@ -28,10 +28,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from kwta_jax import __version__
-from kwta_jax.checkpointing import Checkpointer, CheckpointError, unflatten_tree
+from kwta_jax.checkpointing import CHECKPOINT_DIR, Checkpointer, CheckpointError, unflatten_tree
 from kwta_jax.config import TrainConfig
 from kwta_jax.models import ModelSpec, build_model_from_config, split_model
 
@@ -39,7 +40,10 @@ __all__ = [
     "RUN_FILES",
     "RunDirError",
     "append_metrics",
+    "check_resumable",
     "check_run_dir",
+    "check_writable",
+    "clear_results",
     "clear_run_dir",
     "find_run_dirs",
     "load_trained_model",
@@ -49,6 +53,7 @@ __all__ = [
     "save_training_state",
     "write_atomic",
     "write_config",
+    "write_json_atomic",
     "write_metrics",
 ]
 
@@ -67,13 +72,32 @@ class RunDirError(ValueError):
 def write_atomic(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves neither half a file nor a temporary
+        raise
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """``payload`` as indented JSON (NumPy scalars as floats), through `write_atomic`."""
+    write_atomic(Path(path), json.dumps(payload, indent=2, default=float) + "\n")
+
+
+def _recorded(config: dict) -> dict:
+    """A config dict as ``config.json`` records it: a ReLU run has no winner ratio, so its
+    ``"ratio"`` is null (as in ``summary.json``), whatever ``--ratio`` said."""
+    return dict(config, ratio=None) if config.get("act") == "relu" else config
 
 
 def make_run_config(config: TrainConfig, spec: ModelSpec) -> dict:
     """The ``config.json`` dict of a resolved ``config`` whose model is ``spec``."""
-    return {**config.to_dict(), "model_kwargs": spec.to_kwargs(), "kwta_jax_version": __version__}
+    return {**_recorded(config.to_dict()), "model_kwargs": spec.to_kwargs(),
+            "kwta_jax_version": __version__}  # fmt: skip
 
 
 def read_config(run_dir) -> dict:
@@ -113,26 +137,69 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ignore}
 
 
-def _config_changes(saved_path: Path, config: TrainConfig) -> str:
-    """``"field: old -> new, ..."`` between a saved ``config.json`` and ``config`` ("" if none
-    or the file is unreadable)."""
+def _saved_config(run_dir: Path) -> dict | None:
+    """The saved ``config.json`` of ``run_dir`` (``None`` if there is none); raises
+    `RunDirError` if it cannot be read (resuming would overwrite it unchecked)."""
+    path = run_dir / "config.json"
     try:
-        saved = json.loads(saved_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return ""
-    current = config.resolved().to_dict()
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(
+            f"cannot resume {run_dir}: {path} is unreadable ({type(e).__name__}), so its options "
+            "cannot be checked; restore it or start over with --overwrite / another --out."
+        ) from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("epochs", 0), int):
+        raise RunDirError(
+            f"cannot resume {run_dir}: {path} is not a run configuration; restore it or start "
+            "over with --overwrite / another --out."
+        )
+    return saved
+
+
+def _config_changes(saved: dict, config: TrainConfig) -> str:
+    """``"field: old -> new, ..."`` between a saved ``config.json`` and ``config``."""
+    # ReLU runs written before "ratio" was recorded as null compare equal too.
+    current, saved = _recorded(config.resolved().to_dict()), _recorded(saved)
     diff = sorted(k for k in _comparable(current) if k in saved and saved[k] != current[k])
     return ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in diff)
 
 
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path) -> None:
+    """Raises `RunDirError` unless ``path`` (or, if it does not exist yet, the directory it
+    would be created in) can be written."""
+    path = Path(path)
+    target = _nearest_existing(path)
+    if not target.is_dir():
+        raise RunDirError(f"cannot write {path}: {target} is not a directory.")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot write {path}: {target} is read-only (permission denied).")
+
+
 def check_run_dir(run_dir, config: TrainConfig, *, resume: bool, overwrite: bool) -> str:
     """Decides what to do with ``run_dir`` before any work: ``"new"``, ``"resume"`` or
-    ``"overwrite"``. Raises `RunDirError` if it holds a run and neither flag is set, or if
-    ``resume`` finds a run with a different configuration."""
+    ``"overwrite"``; changes nothing on disk.
+
+    Raises `RunDirError` if ``run_dir`` (or the directories it would be made in, or its
+    ``checkpoints/``) cannot be written; if it holds a run and neither flag is set; or if
+    ``resume`` finds a run with a different configuration, an unreadable ``config.json``, or
+    one made for more epochs than ``config.epochs`` (resuming trains longer, never shorter).
+    """
     run_dir = Path(run_dir)
+    check_writable(run_dir)
     existing = [f for f in RUN_FILES if (run_dir / f).exists()]
     if not existing:
         return "new"
+    if (run_dir / "checkpoints").is_dir():
+        check_writable(run_dir / "checkpoints")
     if overwrite:
         return "overwrite"
     if not resume:
@@ -140,23 +207,62 @@ def check_run_dir(run_dir, config: TrainConfig, *, resume: bool, overwrite: bool
             f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue "
             "it, --overwrite to start over, or choose another --out."
         )
-    changes = _config_changes(run_dir / "config.json", config)
+    saved = _saved_config(run_dir)
+    if saved is None:
+        return "resume"
+    changes = _config_changes(saved, config)
     if changes:
         raise RunDirError(
             f"cannot resume {run_dir}: its configuration differs ({changes}). Resume "
             "with the original options or use --overwrite / another --out."
         )
+    if saved.get("epochs", 0) > config.epochs:
+        raise RunDirError(
+            f"cannot resume {run_dir} with --epochs {config.epochs}: it was started for "
+            f"{saved['epochs']} epochs (resuming trains longer, never shorter; its checkpoints "
+            "stay as they are). Pass --epochs >= that, or --overwrite / another --out."
+        )
     return "resume"
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """Removes only the files a run writes (never other content of the directory)."""
-    for name in RUN_FILES:
+    """Removes only the files a run writes, and the ``attack/`` results of its model (never
+    other content of the directory)."""
+    for name in (*RUN_FILES, "attack"):
         p = run_dir / name
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+
+
+def clear_results(out: Path) -> None:
+    """Removes what ``train.py`` and ``attack.py`` wrote about the runs under ``out``
+    (``out/summary.json`` and ``out/attack/``), before those runs are replaced."""
+    if (out / "attack").is_dir():
+        shutil.rmtree(out / "attack")
+    (out / "summary.json").unlink(missing_ok=True)
+
+
+def check_resumable(run_dir) -> int | None:
+    """The epoch ``--resume`` would continue after (``None``: no finished checkpoint, a fresh
+    start); reads the checkpoints without changing anything. Raises `RunDirError` if there are
+    checkpoints but none reads back intact."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT_DIR).is_dir():
+        return None
+    try:
+        with Checkpointer(run_dir, read_only=True) as ckpt:
+            if not ckpt.steps():
+                return None
+            step, _, _ = ckpt.restore_latest(log=lambda message: None)
+    except CheckpointError as e:
+        first = str(e).splitlines()[0].rstrip(":")
+        raise RunDirError(
+            f"cannot resume {run_dir}: {first} (every checkpoint is corrupt). Move "
+            f"{run_dir / CHECKPOINT_DIR} aside or start over with --overwrite."
+        ) from None
+    return step
 
 
 def find_run_dirs(path) -> list[Path]:
@@ -205,7 +311,8 @@ def restore_training_state(
     """
     _, restored, bad = ckpt.restore_latest(log=log)
     for step in bad:
-        log(f"moved corrupt checkpoint aside: {ckpt.quarantine(step)}")
+        if jax.process_index() == 0:  # multi-host: one process moves it (a shared directory)
+            log(f"moved corrupt checkpoint aside: {ckpt.quarantine(step)}")
     meta = restored["meta"]
     params, rest = unflatten_tree((state.params, state.rest), restored["model"], meta["model_spec"])
     step, opt_state, key = unflatten_tree(

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kwta_jax import data as data_lib
-from kwta_jax.config import OPTIMIZERS, TrainConfig
+from kwta_jax.config import OPTIMIZERS, ConfigError, TrainConfig
 from kwta_jax.layers import iter_kwta_layers, set_kwta_ratio
 from kwta_jax.models import ModelSpec, build_model, split_model
 from kwta_jax.progress import Bar, MakeBar, open_bar
@@ -59,6 +59,7 @@ __all__ = [
     "initialize_distributed",
     "make_mesh",
     "model_spec",
+    "replicate",
     "time_train_step",
     "train_epochs",
     "train_step",
@@ -236,9 +237,10 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def check_mesh_fits(batch_size: int, mesh: Mesh) -> None:
-    """Raises ValueError unless ``batch_size`` splits evenly over the ``mesh`` devices."""
+    """Raises `kwta_jax.config.ConfigError` (a ValueError) unless ``batch_size`` splits
+    evenly over the ``mesh`` devices."""
     if batch_size % mesh.size:
-        raise ValueError(
+        raise ConfigError(
             f"batch size {batch_size} must be a multiple of the {mesh.size} devices "
             "(data parallelism splits every batch evenly)."
         )
@@ -254,6 +256,22 @@ def _put_batch(batch: data_lib.Batch, sharding: NamedSharding) -> dict[str, jax.
         return jax.make_array_from_process_local_data(sharding, a[p * per : (p + 1) * per], a.shape)
 
     return {"image": put(batch.images), "label": put(batch.labels), "weight": put(batch.weights)}
+
+
+def replicate(tree, sharding: NamedSharding):
+    """``tree`` (the same values on every process) as global arrays replicated over
+    ``sharding``'s mesh; `jax.device_put` itself only reaches this process's devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = put(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
 
 
 class StepFns:
@@ -305,23 +323,27 @@ def evaluate_dataset(
 def _train_epoch(
     steps: StepFns, state: TrainState, dataset: data_lib.Dataset, config: TrainConfig,
     epoch: int, bar: Bar, *, show_loss: bool,
-) -> tuple[TrainState, dict[str, np.ndarray]]:  # fmt: skip
+) -> tuple[TrainState, dict[str, np.ndarray], float]:  # fmt: skip
     """One pass over the training set in the order of ``(config.seed, epoch)``; returns the
-    new state and the epoch's summed ``loss_sum``, ``correct``, ``count`` (host)."""
+    new state, the epoch's summed ``loss_sum``, ``correct``, ``count`` (host) and the
+    `time.perf_counter` when the first step had finished (it includes any compilation)."""
     n_batches = data_lib.num_batches(len(dataset.train_labels), config.batch_size)
     batches = data_lib.iterate_batches(
         dataset.train_images, dataset.train_labels, config.batch_size, shuffle=True,
         seed=config.seed, epoch=epoch,
     )  # fmt: skip
-    sums = None
+    sums, first_done = None, time.perf_counter()
     for i, batch in enumerate(batches):
         state, m = steps.train(state, _put_batch(batch, steps.data))
+        if i == 0:
+            jax.block_until_ready(m)
+            first_done = time.perf_counter()
         sums = _sum_metrics(sums, m)
         # Reading the loss waits for the device: only for a bar someone sees, every 10 steps.
         if show_loss and (i % 10 == 0 or i == n_batches - 1):
             bar.set_postfix(loss=f"{float(m['loss_sum'] / m['count']):.4f}")
         bar.update()
-    return state, jax.device_get(sums)
+    return state, jax.device_get(sums), first_done
 
 
 def train_epochs(
@@ -353,11 +375,12 @@ def train_epochs(
     Yields:
       The state after the epoch and its ``metrics.jsonl`` record: ``epoch`` (1-based),
       ``step``, ``kwta_ratio`` (``None`` without k-WTA), train/test loss and accuracy,
-      ``train_seconds``, ``step_ms``, ``epoch_seconds``.
+      ``train_seconds``, ``step_ms`` (mean over the epoch's steps after the first, so
+      compilation is left out; ``None`` for a one-step epoch), ``epoch_seconds``.
     """
     has_kwta = any(True for _ in iter_kwta_layers(model))
     n_batches = data_lib.num_batches(len(dataset.train_labels), config.batch_size)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    state = replicate(state, NamedSharding(mesh, P()))
     step_fns: dict[float, StepFns] = {}  # one compilation per k-WTA ratio
     for epoch in range(start_epoch, config.epochs):
         ratio = anneal_ratio(config, epoch)
@@ -369,9 +392,11 @@ def train_epochs(
         t0 = time.perf_counter()
         bar = open_bar(progress, total=n_batches, desc=f"{config.act} {epoch + 1}/{config.epochs}",
                        unit="step")  # fmt: skip
-        state, sums = _train_epoch(steps, state, dataset, config, epoch, bar,
-                                   show_loss=bool(progress))  # fmt: skip
-        train_time = time.perf_counter() - t0
+        state, sums, first_done = _train_epoch(steps, state, dataset, config, epoch, bar,
+                                               show_loss=bool(progress))  # fmt: skip
+        jax.block_until_ready(state.step)
+        t_end = time.perf_counter()
+        train_time = t_end - t0
         bar.close()
         test = evaluate_dataset(steps, state.params, state.rest, dataset.test_images,
                                 dataset.test_labels, config.batch_size)  # fmt: skip
@@ -387,7 +412,10 @@ def train_epochs(
                 "test_loss": test["loss"],
                 "test_accuracy": test["accuracy"],
                 "train_seconds": train_time,
-                "step_ms": 1000 * train_time / n_batches,
+                # The steps after the first (which compiles, once per k-WTA ratio).
+                "step_ms": (
+                    1000 * (t_end - first_done) / (n_batches - 1) if n_batches > 1 else None
+                ),
                 "epoch_seconds": time.perf_counter() - t0,
             },
         )

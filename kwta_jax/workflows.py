@@ -33,11 +33,12 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from kwta_jax import attacks, data, diagnostics, evaluation, reports, runs, training
 from kwta_jax.checkpointing import Checkpointer
-from kwta_jax.config import TrainConfig
+from kwta_jax.config import ConfigError, TrainConfig
 from kwta_jax.experiments import Experiment
 from kwta_jax.models import build_model_from_config
 from kwta_jax.progress import MakeBar
@@ -46,9 +47,11 @@ from kwta_jax.training import PerturbFn
 __all__ = [
     "DEFAULT_FGSM_EPS",
     "RunResult",
+    "check_batch_fits",
     "compare_activations",
     "evaluate_run_dirs",
     "fgsm_comparison",
+    "initialize",
     "load_training_data",
     "make_pgd_perturb",
     "plan_experiments",
@@ -102,6 +105,43 @@ def load_training_data(config: TrainConfig) -> data.Dataset:
     )  # fmt: skip
 
 
+def _is_primary() -> bool:
+    """Whether this process writes the run files (process 0; every process checkpoints)."""
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    """All processes meet here (multi-host: nobody writes before everybody has checked)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def initialize(distributed: bool | dict | None) -> None:
+    """`kwta_jax.training.initialize_distributed` when ``distributed`` is true: ``True`` for
+    the cluster of the environment, or a dict of `jax.distributed.initialize` keywords."""
+    if not (distributed or isinstance(distributed, dict)):
+        return
+    try:
+        training.initialize_distributed(**(distributed if isinstance(distributed, dict) else {}))
+    except (ValueError, TypeError) as e:  # no cluster found, or inconsistent arguments
+        raise ConfigError(
+            f"--distributed: {str(e).strip().splitlines()[0]} (outside SLURM / Open MPI / "
+            "Kubernetes, give --coordinator-address, --num-processes and --process-id)"
+        ) from None
+
+
+def check_batch_fits(config: TrainConfig, dataset: data.Dataset, mesh: Mesh) -> None:
+    """Raises `kwta_jax.config.ConfigError` unless ``config.batch_size`` splits over ``mesh``
+    and is at most the training set (a larger batch would train mostly on padding)."""
+    training.check_mesh_fits(config.batch_size, mesh)
+    n = len(dataset.train_labels)
+    if config.batch_size > n:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is larger than the {n} training examples of "
+            f"{dataset.name}; pass --batch-size {n} or less."
+        )
+
+
 def _start_or_resume(
     ckpt: Checkpointer, state: training.TrainState, run_dir: Path, *, resume: bool, log: Log
 ) -> tuple[training.TrainState, int, list[dict], bool]:
@@ -124,7 +164,8 @@ def _save_epoch(
     ratio = training.anneal_ratio(config, epoch - 1)
     runs.save_training_state(ckpt, state, epoch=epoch, ratio=ratio, run_config=run_config,
                              history=history)  # fmt: skip
-    runs.append_metrics(run_dir, history[-1])
+    if _is_primary():
+        runs.append_metrics(run_dir, history[-1])
 
 
 def _epoch_line(config: TrainConfig, record: dict) -> str:
@@ -147,8 +188,10 @@ def train_and_evaluate(
     progress: MakeBar | None = None,
     log: Log | None = None,
     stop_after_epochs: int | None = None,
+    keep_checkpoints: int = 3,
 ) -> RunResult:
-    """Trains one model into ``run_dir`` with a checkpoint after every epoch.
+    """Trains one model into ``run_dir`` with a checkpoint after every epoch (the last
+    ``keep_checkpoints`` stay on disk).
 
     Args:
       config: the run's `TrainConfig` (validated here).
@@ -164,6 +207,16 @@ def train_and_evaluate(
       progress: a bar factory for each epoch (`kwta_jax.progress`; ``None``: no bars).
       log: one-line messages (default: this module's logger).
       stop_after_epochs: stop (as if killed) after this many epochs of this call (tests).
+      keep_checkpoints: how many of the newest epoch checkpoints stay on disk (older ones are
+        deleted as new ones are saved).
+
+    Raises:
+      kwta_jax.runs.RunDirError, kwta_jax.config.ConfigError: found before any training
+        (and before anything in ``run_dir`` changes).
+
+    With several processes (`kwta_jax.training.initialize_distributed`) every process calls
+    this with the same arguments and a ``run_dir`` on a shared filesystem; process 0 writes the
+    run files, all of them write their part of the checkpoints.
 
     Returns:
       `RunResult` with the trained eval-mode model.
@@ -173,12 +226,17 @@ def train_and_evaluate(
     config.validate()
     run_dir = Path(run_dir)
     mode = runs.check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+    if mode == "resume":
+        runs.check_resumable(run_dir)
     mesh = mesh or training.make_mesh()
-    training.check_mesh_fits(config.batch_size, mesh)
     dataset = load_training_data(config) if dataset is None else dataset
-    if mode == "overwrite":
-        runs.clear_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_batch_fits(config, dataset, mesh)
+    _sync(f"checked {run_dir}")
+    if _is_primary():
+        if mode == "overwrite":
+            runs.clear_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _sync(f"prepared {run_dir}")
 
     run_config = runs.make_run_config(config, training.model_spec(config, dataset))
     model = build_model_from_config(run_config)
@@ -189,12 +247,19 @@ def train_and_evaluate(
     if perturb_fn is None and config.adv_eps > 0:
         perturb_fn = make_pgd_perturb(config.adv_eps, config.adv_steps, config.adv_step_size)
 
-    with Checkpointer(run_dir) as ckpt:
+    with Checkpointer(run_dir, max_to_keep=keep_checkpoints) as ckpt:
         state, start_epoch, history, resumed = _start_or_resume(
             ckpt, state, run_dir, resume=mode == "resume", log=log
         )
-        runs.write_config(run_dir, run_config)
-        runs.write_metrics(run_dir, history)
+        _sync(f"restored {run_dir}")  # process 0 has moved corrupt steps aside
+        if start_epoch > config.epochs:  # a checkpoint past the saved config.json's epochs
+            raise runs.RunDirError(
+                f"cannot resume {run_dir} with --epochs {config.epochs}: its checkpoints "
+                f"hold {start_epoch} epochs (resuming trains longer, never shorter)."
+            )
+        if _is_primary():
+            runs.write_config(run_dir, run_config)
+            runs.write_metrics(run_dir, history)
         epochs = training.train_epochs(
             model, tx, state, dataset, config, mesh=mesh, perturb_fn=perturb_fn,
             start_epoch=start_epoch, progress=progress,
@@ -205,7 +270,7 @@ def train_and_evaluate(
             log(_epoch_line(config, record))
             if stop_after_epochs is not None and done >= stop_after_epochs:
                 break
-    if history:
+    if history and _is_primary():
         title = f"{config.dataset} {config.model} {config.act}"
         reports.plot_learning_curves(history, run_dir / "curves.png", title=title)
     final = training.trained_model(model, state)
@@ -241,11 +306,9 @@ def fgsm_comparison(
     }
 
 
-def _comparison_entry(
-    result: RunResult, robust: dict, *, act: str, train_s: float, attack_s: float
-) -> dict:
+def _comparison_entry(result: RunResult, robust: dict, *, act: str, attack_s: float) -> dict:
     """One activation's entry in ``summary.json``."""
-    later = [h["step_ms"] for h in result.history[1:]] or [h["step_ms"] for h in result.history]
+    step_ms = [h["step_ms"] for h in result.history if h.get("step_ms") is not None]
     return {
         "run_dir": str(result.run_dir),
         "act": act,
@@ -254,10 +317,12 @@ def _comparison_entry(
         "clean_accuracy": robust["clean"],
         "fgsm_accuracy": {str(e): a for e, a in robust["fgsm"].items()},
         "final_train_loss": result.final.get("train_loss"),
-        "train_seconds": train_s,
+        # The training time of every epoch, over all sessions of a resumed run (restoring and
+        # re-evaluating a finished run is not training).
+        "train_seconds": float(sum(h.get("train_seconds", 0.0) for h in result.history)),
         "attack_seconds": attack_s,
-        # Median over epochs after the first (which includes compilation).
-        "step_ms": float(np.median(later)) if later else None,
+        # Median over epochs; each epoch's step_ms leaves out its first step (compilation).
+        "step_ms": float(np.median(step_ms)) if step_ms else None,
     }
 
 
@@ -271,50 +336,67 @@ def run_comparison(
     overwrite: bool = False,
     progress: MakeBar | None = None,
     log: Log | None = None,
+    keep_checkpoints: int = 3,
 ) -> dict:
     """Trains ``config`` once per activation into ``out/<act>/``, evaluates clean and FGSM
     accuracy on the test set, writes ``out/summary.json`` and returns it.
 
-    Every run directory is checked (`kwta_jax.runs.check_run_dir`) and the dataset loaded
-    before any training starts, so bad options or a missing dataset fail fast.
+    Every run directory is checked (`kwta_jax.runs.check_run_dir`, and with ``resume`` its
+    checkpoints), the dataset loaded and the batch size checked against it and the devices
+    before any training starts, so bad options or a missing dataset fail fast, leaving ``out``
+    as it was. ``overwrite`` also removes ``out/attack`` and ``out/summary.json`` (the results
+    of the runs it replaces).
     """
     log = log or _logger.info
     config = config.resolved()
     out = Path(out)
     configs = {act: dataclasses.replace(config, act=act) for act in acts}
+    runs.check_writable(out)
+    modes = {}
     for act, cfg in configs.items():
         cfg.validate()
-        runs.check_run_dir(out / act, cfg, resume=resume, overwrite=overwrite)
+        modes[act] = runs.check_run_dir(out / act, cfg, resume=resume, overwrite=overwrite)
+        if modes[act] == "resume":
+            runs.check_resumable(out / act)
+    if resume and all(m == "new" for m in modes.values()):
+        log(f"--resume: {out} holds no run ({', '.join(acts)}); training from scratch.")
+    mesh = training.make_mesh()
     dataset = load_training_data(config)
+    check_batch_fits(config, dataset, mesh)
     log(f"{dataset!r} on {jax.device_count()} {jax.default_backend()} device(s)")
+    _sync(f"checked {out}")
+    if overwrite and _is_primary():
+        runs.clear_results(out)
     summary: dict[str, Any] = {
         "dataset": config.dataset, "model": config.model, "eps": list(eps_values),
         "devices": jax.device_count(), "backend": jax.default_backend(), "runs": {},
     }  # fmt: skip
     t_all = time.perf_counter()
     for act, cfg in configs.items():
-        t0 = time.perf_counter()
         result = train_and_evaluate(cfg, out / act, resume=resume, overwrite=overwrite,
-                                    dataset=dataset, progress=progress, log=log)  # fmt: skip
+                                    dataset=dataset, mesh=mesh, progress=progress, log=log,
+                                    keep_checkpoints=keep_checkpoints)  # fmt: skip
         t1 = time.perf_counter()
         robust = fgsm_comparison(result.model, dataset.test_images, dataset.test_labels,
                                  eps_values)  # fmt: skip
         summary["runs"][act] = _comparison_entry(
-            result, robust, act=act, train_s=t1 - t0, attack_s=time.perf_counter() - t1
+            result, robust, act=act, attack_s=time.perf_counter() - t1
         )
     summary["total_seconds"] = time.perf_counter() - t_all
-    runs.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if _is_primary():
+        runs.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def compare_activations(
-    config: TrainConfig, out, *, distributed: bool = False, log: Log | None = None, **options
-) -> dict:
+    config: TrainConfig, out, *, distributed: bool | dict | None = None, log: Log | None = None,
+    **options,
+) -> dict:  # fmt: skip
     """``train.py``'s job: `run_comparison` (``options``: its keywords), then the table and
-    where the runs are. ``distributed``: `kwta_jax.training.initialize_distributed` first."""
+    where the runs are. ``distributed``: `initialize` first (True, or the keywords of
+    `jax.distributed.initialize`)."""
     log = log or _logger.info
-    if distributed:
-        training.initialize_distributed()
+    initialize(distributed)
     summary = run_comparison(config, out, log=log, **options)
     log("")
     log(reports.format_comparison(summary))
@@ -432,7 +514,7 @@ def evaluate_run_dirs(
         payload["runs"].append(res.to_dict())
         reports.plot_examples(res, out / f"examples_{run.name}.png")
     reports.plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
-    reports.save_json(payload, out / "results.json")
+    runs.write_json_atomic(out / "results.json", payload)  # never a truncated results.json
     log(f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_eps.png'} and example grids")
     return payload
 
@@ -454,6 +536,7 @@ def run_experiment(
     overwrite: bool = False,
     progress: MakeBar | None = None,
     log: Log | None = None,
+    keep_checkpoints: int = 3,
 ) -> dict:
     """Trains both models of ``experiment`` into ``out/<act>/``, attacks them, and writes
     ``out/experiment.json``, ``out/table.md`` and ``out/accuracy_vs_eps.png``.
@@ -466,7 +549,7 @@ def run_experiment(
     log(f"== experiment {experiment.name}: {experiment.description}")
     summary = run_comparison(
         config, out, acts=experiment.acts, eps_values=experiment.fgsm_eps, resume=resume,
-        overwrite=overwrite, progress=progress, log=log,
+        overwrite=overwrite, progress=progress, log=log, keep_checkpoints=keep_checkpoints,
     )  # fmt: skip
     log(reports.format_comparison(summary))
     payload = evaluate_run_dirs(
@@ -477,9 +560,9 @@ def run_experiment(
     report = reports.build_report(experiment, payload)
     report["train_summary"] = summary
     report["budget"] = budget
-    (out / "experiment.json").write_text(json.dumps(report, indent=2) + "\n")
+    runs.write_json_atomic(out / "experiment.json", report)
     table = reports.format_report(report)
-    (out / "table.md").write_text(table + "\n")
+    runs.write_atomic(out / "table.md", table + "\n")
     reports.plot_report(report, out / "accuracy_vs_eps.png")
     log("\n" + table)
     log(f"\nwrote {out / 'table.md'}, {out / 'experiment.json'}, {out / 'accuracy_vs_eps.png'}")
@@ -521,10 +604,11 @@ def run_experiments(
     n_examples: int = 1000,
     resume: bool = False,
     overwrite: bool = False,
-    distributed: bool = False,
+    distributed: bool | dict | None = None,
     progress: MakeBar | None = None,
     log: Log | None = None,
     warn: Log | None = None,
+    keep_checkpoints: int = 3,
 ) -> tuple[list[str], list[str]]:
     """``train.py --experiment``: `plan_experiments`, then `run_experiment` for each preset
     whose data is here.
@@ -537,11 +621,11 @@ def run_experiments(
     runnable, unavailable = plan_experiments(planned, resume=resume, overwrite=overwrite)
     if unavailable and not skip_unavailable:
         raise data.DatasetUnavailableError(next(iter(unavailable.values())))
-    if distributed:
-        training.initialize_distributed()
+    initialize(distributed)
     for name, message in unavailable.items():
         warn(f"skipping experiment {name}: {message}\n")
     for experiment, out in runnable:
         run_experiment(experiment, out, budget=budget, n_examples=n_examples, resume=resume,
-                       overwrite=overwrite, progress=progress, log=log)  # fmt: skip
+                       overwrite=overwrite, progress=progress, log=log,
+                       keep_checkpoints=keep_checkpoints)  # fmt: skip
     return [e.name for e, _ in runnable], list(unavailable)

@@ -114,6 +114,7 @@ def test_tfds_datasets_through_data_source(name, shape, tmp_path):
 
 
 def test_missing_tfds_dataset_says_how_to_get_it(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(data.DatasetUnavailableError) as info:
         data.load_dataset("cifar10", data_dir=str(tmp_path / "empty"))
     msg = str(info.value)
@@ -131,5 +132,14 @@ def test_check_available_fails_fast_without_reading(tmp_path):
 
 def test_check_available_accepts_a_prepared_tfds_dataset(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=4):
+    # Without the mock the empty directory holds no dataset: the mock is what makes it pass.
+    with pytest.raises(data.DatasetUnavailableError, match="not available offline"):
         data.check_available("mnist", data_dir=str(tmp_path))
+    with tfds.testing.mock_data(num_examples=4):
+        assert data.check_available("mnist", data_dir=str(tmp_path)) is None
+        assert len(data._open_tfds_source("mnist", "test", str(tmp_path))) == 4
+
+
+def test_a_missing_data_dir_is_reported_as_such(tmp_path):
+    with pytest.raises(data.DatasetUnavailableError, match="directory does not exist"):
+        data.check_available("cifar10", data_dir=str(tmp_path / "nope"))

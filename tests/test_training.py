@@ -19,7 +19,7 @@ from kwta_jax import data
 from kwta_jax.layers import KWTA, iter_kwta_layers
 from kwta_jax.models import build_model_from_config, split_model
 from kwta_jax.reports import format_comparison
-from kwta_jax.runs import RunDirError, check_run_dir, load_trained_model
+from kwta_jax.runs import RunDirError, check_run_dir, load_trained_model, read_config
 from kwta_jax.training import TrainConfig, TrainState, anneal_ratio, create_optimizer, train_step
 from kwta_jax.workflows import (
     make_pgd_perturb,
@@ -256,6 +256,9 @@ def test_comparison_summary_and_table(comparison):
             assert 0.0 <= r["fgsm_accuracy"][eps] <= r["clean_accuracy"]
         assert r["fgsm_accuracy"]["0.2"] <= r["fgsm_accuracy"]["0.1"] + 0.05
     assert summary["runs"]["kwta"]["ratio"] == 0.1 and summary["runs"]["relu"]["ratio"] is None
+    # config.json agrees with summary.json: a ReLU run has no ratio.
+    for act, r in summary["runs"].items():
+        assert read_config(r["run_dir"])["ratio"] == r["ratio"], act
     table = format_comparison(summary)
     assert "FGSM 0.1" in table and "FGSM 0.2" in table
     assert any(line.strip().startswith("kwta") for line in table.splitlines())
@@ -355,6 +358,7 @@ def test_cli_refuses_to_clobber_an_existing_run(capsys, comparison):
 
 @pytest.mark.slow
 def test_cli_missing_dataset_is_a_one_line_error_without_traceback(tmp_path):
+    (tmp_path / "tfds").mkdir()  # there, but without the dataset (a missing one: test_data)
     proc = subprocess.run(
         [sys.executable, "train.py", "--dataset", "svhn_cropped", "--data-dir",
          str(tmp_path / "tfds"), "--out", str(tmp_path / "out")],
@@ -393,6 +397,10 @@ def test_cli_experiment_rejects_options_the_preset_fixes(capsys, tmp_path):
 
 
 def test_cli_experiment_without_its_data_stops_at_start_up(capsys, tmp_path):
+    err = _cli_error(capsys, "--experiment", "seed-3", "--data-dir", str(tmp_path / "empty"))
+    assert "train.py: error: dataset 'cifar10': --data-dir" in err
+    assert "directory does not exist" in err
+    (tmp_path / "empty").mkdir()
     err = _cli_error(capsys, "--experiment", "seed-3", "--data-dir", str(tmp_path / "empty"))
     assert "train.py: error: dataset 'cifar10' is not available offline" in err
 
