@@ -187,9 +187,11 @@ STRONG_SUITE: tuple[str, ...] = DEFAULT_SUITE + ("fab-t", "es")
 MODES = ("full", "cascade")
 
 
-def default_suite(budget: str = "default") -> tuple[str, ...]:
-    """The attack names run by default at ``budget`` (`STRONG_SUITE` for ``"strong"``)."""
-    return STRONG_SUITE if budget == "strong" else DEFAULT_SUITE
+def default_suite(budget: str = "default", norm: str = "linf") -> tuple[str, ...]:
+    """The attack names run by default at ``budget`` (`STRONG_SUITE` for ``"strong"``), less
+    Square for ``norm="l2"`` (only the L-inf Square attack is implemented)."""
+    names = STRONG_SUITE if budget == "strong" else DEFAULT_SUITE
+    return names if norm == "linf" else tuple(n for n in names if n != "square")
 
 
 def build_suite(
