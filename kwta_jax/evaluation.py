@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -351,9 +352,10 @@ class _Sharder:
         self.rep = None if self.size == 1 else NamedSharding(mesh, PartitionSpec())
 
     def chunk_size(self, batch_size: int, n: int) -> int:
-        """``min(batch_size, n)`` rounded up to a multiple of the device count."""
-        bs = min(batch_size, n)
-        return -(-bs // self.size) * self.size
+        """``min(batch_size, n)`` rounded up to a multiple of 8 and of the device count: with
+        1, 2, 4 or 8 devices the chunks (hence the keys and random draws) are the same."""
+        q = math.lcm(8, self.size)
+        return -(-min(batch_size, n) // q) * q
 
     def examples(self, a):
         a = jnp.asarray(a)
@@ -381,8 +383,9 @@ def run_attack(
     """Runs one attack at every radius over ``x [N, H, W, C]``, ``y [N]`` in chunks.
 
     ``active``: per radius, an ``[N]`` bool mask of the examples to attack (the cascade);
-    ``None``: all. The attacked examples are packed into chunks of ``batch_size`` (padded to a
-    multiple of the devices of ``mesh``, over which each chunk is split); chunk ``c`` at the
+    ``None``: all. The attacked examples are packed into chunks of ``batch_size`` (at most the
+    most examples attacked at one radius; rounded up to a multiple of 8 and of the devices of
+    ``mesh``, over which each chunk is split; the last chunk padded); chunk ``c`` at the
     ``i``-th radius gets key ``fold_in(fold_in(key, i), c)``. A minimum-norm attack
     (``spec.min_norm``) runs once, on the union of the masks, with key ``fold_in(key, 0)``.
 
@@ -397,15 +400,26 @@ def run_attack(
     eps_values = [float(e) for e in eps_values]
     if active is None:
         active = {e: np.ones(n, bool) for e in eps_values}
+    attacked = {e: np.asarray(active[e], bool) for e in eps_values}
+    if not any(m.any() for m in attacked.values()):
+        # Nothing left to attack (a late cascade stage): not even compiled.
+        return {"pred": {e: np.full(n, -1, np.int64) for e in eps_values},
+                "seconds": {e: 0.0 for e in eps_values}, "compile_s": 0.0,
+                "examples": {e: np.array(x[:keep]) for e in eps_values}, "attacked": attacked,
+                "dist": np.full(n, np.nan, np.float32) if spec.min_norm else None}  # fmt: skip
     sharder = _Sharder(mesh)
-    bs = sharder.chunk_size(batch_size, n)
+    # Chunks no larger than the most examples attacked at one radius (a late cascade stage
+    # attacks few): one compilation for every radius.
+    most = int(max(m.sum() for m in attacked.values()))
+    if spec.min_norm:
+        most = int(np.logical_or.reduce(list(attacked.values())).sum())
+    bs = sharder.chunk_size(batch_size, most)
     t0 = time.perf_counter()
     args = [sharder.examples(_pad(x[:1], bs)), sharder.examples(_pad(y[:1], bs)),
             sharder.replicated(key)]  # fmt: skip
     if not spec.min_norm:
         args.append(sharder.replicated(jnp.float32(eps_values[0])))
     compiled = jax.jit(run).lower(*args).compile()
-    attacked = {e: np.asarray(active[e], bool) for e in eps_values}
     out = {"pred": {}, "seconds": {}, "examples": {}, "compile_s": time.perf_counter() - t0,
            "attacked": attacked, "dist": None}  # fmt: skip
     bar = open_bar(progress, total=sum(int(m.sum()) for m in out["attacked"].values()),

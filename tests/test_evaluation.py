@@ -254,3 +254,19 @@ def test_strong_suite_has_min_norm_and_es():
         x, y, _ = toy_data(4)
         evaluation.run_suite(evaluation.Models(relu_model()), x, y, suite=[], eps_values=[0.1],
                              mode="fast", progress=False)  # fmt: skip
+
+
+def test_cascade_stage_with_nothing_left_is_not_run():
+    # At eps = 1 PGD breaks every example: the next stage has nothing to attack.
+    x, y, _ = toy_data(16, seed=2)
+    res = evaluation.run_suite(
+        evaluation.Models(relu_model(), name="r"), x, y,
+        suite=evaluation.build_suite(["pgd", "fgsm", "fmn"], budget="quick"), eps_values=[1.0],
+        batch_size=8, progress=False, mode="cascade",
+    )  # fmt: skip
+    assert res.worst_accuracy(1.0) == 0.0 and res.accuracy("pgd", 1.0) == 0.0
+    assert res.compile_s["fgsm"] == 0.0 and not res.attacked["fgsm"][1.0].any()
+    assert (res.pred["fgsm"][1.0] == -1).all()
+    # The minimum-norm attack still runs on every clean-correct example (its distances).
+    assert res.compile_s["fmn"] > 0 and np.isfinite(res.min_norm_dist["fmn"]).all()
+    assert res.broken_by(1.0) == {"pgd": int(res.clean_correct.sum()), "fgsm": 0, "fmn": 0}
