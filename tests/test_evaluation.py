@@ -270,3 +270,24 @@ def test_cascade_stage_with_nothing_left_is_not_run():
     # The minimum-norm attack still runs on every clean-correct example (its distances).
     assert res.compile_s["fmn"] > 0 and np.isfinite(res.min_norm_dist["fmn"]).all()
     assert res.broken_by(1.0) == {"pgd": int(res.clean_correct.sum()), "fgsm": 0, "fmn": 0}
+
+
+def test_every_attack_runs_in_the_suite_with_traced_eps():
+    # The suite compiles each attack once with eps a traced argument: every attack of the
+    # table must trace that way (es sets its smoothing sigma to eps).
+    x, y, _ = toy_data(8, seed=4)
+    models = evaluation.Models(masked_model(), bpda_logits_fn=masked_model(bpda=True),
+                               source_logits_fn=relu_model(), name="step")  # fmt: skip
+    res = evaluation.run_suite(
+        models, x, y, suite=evaluation.build_suite(["all"], budget="quick"),
+        eps_values=[0.4], batch_size=8, progress=False, mode="cascade",
+    )  # fmt: skip
+    assert set(res.pred) == set(evaluation.ATTACKS) and not res.skipped
+    # The masked model: white-box PGD fails, and es (a forward-only attack) breaks it.
+    es_alone = evaluation.run_suite(
+        models, x, y, suite=evaluation.build_suite(
+            ["pgd", "es"], budget={"pgd_steps": 10, "es_schedule": ((5, 8), (5, 32))}),
+        eps_values=[0.4], batch_size=8, progress=False, mode="full",
+    )  # fmt: skip
+    assert es_alone.accuracy("pgd", 0.4) >= 0.9
+    assert es_alone.accuracy("es", 0.4) <= 0.25
