@@ -2,9 +2,13 @@
 
     python attack.py runs/default            # every run under it (ReLU = transfer surrogate)
     python attack.py runs/default/kwta --attacks fgsm pgd bpda --eps 0.1 0.3 --quick
+    python attack.py runs/default --preset autoattack     # AutoAttack "standard", cascade
+    python attack.py runs/default --budget strong --mode full   # the per-attack table
 
-Prints per-attack robust accuracy, the per-example worst case over all attacks, throughput and
-gradient-masking diagnostics; writes results.json and PNGs to --out (default RUN_DIR/attack).
+Prints per-attack robust accuracy (cascade mode: after each stage), the per-example worst case
+over all attacks, the attack that broke each example first, the median minimum-norm distance,
+throughput and gradient-masking diagnostics; writes results.json, results_per_image.npz and
+PNGs to --out (default RUN_DIR/attack).
 This file parses the options and makes one call, kwta_jax.workflows.evaluate_run_dirs; it owns
 the progress bars.
 """
@@ -19,8 +23,17 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kwta_jax import flags, runs, workflows
+from kwta_jax.attacks import ES_SCHEDULE
 from kwta_jax.checkpointing import CheckpointError
-from kwta_jax.evaluation import ATTACKS, BUDGETS, DEFAULT_EPS, DEFAULT_SUITE
+from kwta_jax.evaluation import (
+    ATTACKS,
+    BUDGETS,
+    DEFAULT_EPS,
+    DEFAULT_SUITE,
+    ES_SCHEDULE_CPU,
+    MODES,
+    STRONG_SUITE,
+)
 from kwta_jax.runs import RunDirError
 
 
@@ -34,7 +47,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("run_dir", help="a run directory (with config.json) or a parent of several")
     parser.add_argument(
-        "--attacks", nargs="+", default=list(DEFAULT_SUITE), metavar="NAME", help="attack suite"
+        "--attacks",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="attack suite, run in this order (cascade: list cheap ones first); default: "
+        f"{' '.join(DEFAULT_SUITE)}, plus {' '.join(STRONG_SUITE[len(DEFAULT_SUITE) :])} with "
+        "--budget strong (Square left out for --norm l2)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="cascade",
+        help="cascade (default): AutoAttack's rule, each attack only on the examples every "
+        "earlier one failed on; the same worst case as the full table for a fraction of the "
+        "time (most examples fall to the cheap first attacks), with the attack that broke "
+        "each example and the time per stage. full: every attack on every example, the "
+        "per-attack table (and the masking checks that compare attacks)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=list(workflows.PRESETS),
+        default=None,
+        help="autoattack: AutoAttack 'standard' (APGD-CE, APGD-T 9 targets, FAB-T 9 targets, "
+        "Square 5,000 queries; 100 iterations, 1 restart; Square dropped for l2) instead of "
+        "--attacks; --quick shrinks it",
+    )
+    parser.add_argument(
+        "--es-full",
+        action="store_true",
+        help=f"es with the literature's sample schedule {list(ES_SCHEDULE)} (GPU-sized) "
+        f"instead of the budget's ({list(ES_SCHEDULE_CPU)} for strong)",
     )
     parser.add_argument(
         "--eps", nargs="+", type=float, default=None, help="radii (default: per dataset)"
@@ -65,7 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = parser.parse_args(argv)  # fmt: skip
 
-    unknown = [a for a in args.attacks if a not in ATTACKS and a != "all"]
+    if args.preset is not None and args.attacks is not None:
+        parser.error("--preset and --attacks are exclusive: the preset fixes the attacks")
+    unknown = [a for a in args.attacks or [] if a not in ATTACKS and a != "all"]
     if unknown:
         parser.error(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)} or 'all'")
     # flags.positive: > 0 and finite (nan and inf are not radii).
@@ -73,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--eps values must be > 0 and finite; got {args.eps}")
     if args.n_examples <= 0 or args.batch_size <= 0:
         parser.error("--n-examples and --batch-size must be positive")
-    if args.norm == "l2" and "square" in args.attacks:
+    if args.norm == "l2" and "square" in (args.attacks or []):
         parser.error("square is L-inf only; drop it from --attacks for --norm l2")
     if args.quick:
         args.budget, args.n_examples = "quick", min(args.n_examples, 200)
@@ -95,7 +140,8 @@ def main(argv=None) -> int:
             n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
             budget=args.budget, surrogate=args.bpda_surrogate, out=args.out,
             diagnose=not args.no_diagnostics, progress=_bars(not args.no_progress),
-            log=tqdm.write,
+            log=tqdm.write, mode=args.mode, preset=args.preset,
+            es_schedule=ES_SCHEDULE if args.es_full else None,
         )  # fmt: skip
     except (CheckpointError, RunDirError, OSError) as e:
         # No run there, a run that cannot be loaded, its dataset is not here, or an output

@@ -120,8 +120,11 @@ def _single_step_flag(res: EvalResult, iterative: Sequence[str], tol: float) -> 
 def _eps_monotonic_flag(res: EvalResult, tol: float) -> Flag:
     eps = res.eps_values
     worst_rise, where = 0.0, ""
-    for a in res.pred:
-        accs = [res.accuracy(a, e) for e in eps]
+    # In cascade mode a row's accuracy depends on what earlier rows broke at that eps; only
+    # the worst case is comparable across radii.
+    series = {"worst case": [res.worst_accuracy(e) for e in eps]} if res.mode == "cascade" \
+        else {a: [res.accuracy(a, e) for e in eps] for a in res.pred}  # fmt: skip
+    for a, accs in series.items():
         for j in range(1, len(eps)):
             if accs[j] - accs[j - 1] > worst_rise:
                 worst_rise = accs[j] - accs[j - 1]
@@ -193,12 +196,17 @@ def gradient_masking_flags(
 ) -> list[Flag]:
     """Computes the flags from an `EvalResult` (and optional extra measurements).
 
+    In cascade mode only the flags that do not compare attacks on the same examples are
+    computed (eps monotonicity of the worst case, large eps, gradient statistics).
+
     ``tol``: accuracy gap (absolute, e.g. 0.03 = 3 points) above which an ordering violation
     counts; small enough to catch masking, large enough that sampling noise of a few hundred
     examples and the randomness of random-search attacks do not fire on a plain model.
     """
     flags: list[Flag] = []
-    iterative = [a for a in WHITE_BOX_ITERATIVE if a in res.pred]
+    # Cascade mode (`run_suite(mode="cascade")`) has no per-attack accuracy on the same
+    # examples, so the checks that compare attacks need the full table and are left out.
+    iterative = [a for a in WHITE_BOX_ITERATIVE if a in res.pred and res.mode == "full"]
     if "fgsm" in res.pred and iterative:
         flags.append(_single_step_flag(res, iterative, tol))
     if len(res.eps_values) > 1:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kwta_jax import attacks
 from kwta_jax.attacks.losses import LogitsFn
@@ -42,8 +44,13 @@ __all__ = [
     "AttackSpec",
     "EvalResult",
     "Models",
+    "MODES",
+    "STRONG_SUITE",
+    "autoattack_suite",
     "build_suite",
     "default_eps",
+    "default_suite",
+    "local_mesh",
     "models_from_nnx",
     "nnx_logits_fn",
     "predict",
@@ -54,15 +61,21 @@ __all__ = [
 
 # Attack budgets. "default" keeps `attack.py` on the default mnist5k MLP (1,000 images, two
 # models) within minutes on two CPU cores; "strong" is what a paper-grade evaluation needs.
+# ``es_schedule``: the (steps, samples) phases of `attacks.es`; "strong" uses a CPU-sized ramp
+# (`ES_SCHEDULE_CPU`), `ES_SCHEDULE` (the literature's 100 -> 1,000 -> 20,000 samples) is for GPUs.
+ES_SCHEDULE_CPU: tuple[tuple[int, int], ...] = ((50, 20), (20, 200))
 BUDGETS: dict[str, dict] = {
     "quick": dict(pgd_steps=5, apgd_steps=5, restarts=1, square_queries=50, eot_samples=2,
-                  eot_steps=5, fd_samples=4, fd_steps=5, deepfool_steps=5, cw_steps=20),
+                  eot_steps=5, fd_samples=4, fd_steps=5, deepfool_steps=5, cw_steps=20,
+                  fmn_steps=10, fab_steps=5, n_target_classes=3, es_schedule=((5, 4),)),
     "default": dict(pgd_steps=10, apgd_steps=10, restarts=1, square_queries=100,
                     eot_samples=4, eot_steps=10, fd_samples=8, fd_steps=10, deepfool_steps=10,
-                    cw_steps=30),
+                    cw_steps=30, fmn_steps=50, fab_steps=20, n_target_classes=9,
+                    es_schedule=((10, 10),)),
     "strong": dict(pgd_steps=100, apgd_steps=100, restarts=5, square_queries=5000,
                    eot_samples=32, eot_steps=100, fd_samples=64, fd_steps=100,
-                   deepfool_steps=50, cw_steps=200),
+                   deepfool_steps=50, cw_steps=200, fmn_steps=200, fab_steps=100,
+                   n_target_classes=9, es_schedule=ES_SCHEDULE_CPU),
 }  # fmt: skip
 
 DEFAULT_EPS: dict[str, tuple[float, ...]] = {
@@ -90,6 +103,9 @@ class AttackSpec:
 
     ``fn(logits_fn, x, y, key, *, eps, [bpda_logits_fn | source_logits_fn]) -> x_adv``;
     ``needs`` names the extra model it takes (``"bpda"``, ``"source"`` or ``None``).
+    ``min_norm``: ``fn`` is a minimum-norm attack ``fn(logits_fn, x, y, key) -> (x_adv,
+    dist)`` that takes no eps: it runs once for every radius (its point is kept at radius
+    ``eps`` where ``dist <= eps``) and its distances are reported per example.
     """
 
     name: str
@@ -97,6 +113,7 @@ class AttackSpec:
     fn: Callable
     needs: str | None = None
     description: str = ""
+    min_norm: bool = False
 
 
 def _attack_table(norm: str, b: dict) -> dict[str, AttackSpec]:
@@ -142,14 +159,40 @@ def _attack_table(norm: str, b: dict) -> dict[str, AttackSpec]:
                    description="PGD on gradients averaged over Gaussian-perturbed inputs"),
         AttackSpec("transfer", "transfer", p(attacks.transfer, **pgd_kw), needs="source",
                    description="PGD on the surrogate (ReLU) model, applied to this one"),
+        AttackSpec("apgd-t", "white-box",
+                   p(attacks.apgd_t, steps=b["apgd_steps"], norm=norm,
+                     n_target_classes=b["n_target_classes"]),
+                   description="targeted APGD-DLR over the top classes (AutoAttack)"),
+        AttackSpec("fmn", "minimal-norm", p(attacks.fmn_min_norm, steps=b["fmn_steps"], norm=norm),
+                   min_norm=True, description="FMN minimum-norm attack (Pintor et al. 2021)"),
+        AttackSpec("fab-t", "minimal-norm",
+                   p(attacks.fab_t_min_norm, steps=b["fab_steps"], norm=norm,
+                     n_target_classes=b["n_target_classes"]),
+                   min_norm=True, description="targeted FAB minimum-norm attack (AutoAttack)"),
+        AttackSpec("es", "gradient-free",
+                   p(attacks.es, schedule=b["es_schedule"], norm=norm),
+                   description="signed PGD on the smoothed margin, antithetic Gaussian "
+                   "gradients (Tramer et al. 2020)"),
     ]  # fmt: skip
     return {s.name: s for s in specs}
 
 
 ATTACKS: tuple[str, ...] = tuple(_attack_table("linf", BUDGETS["default"]))
+# Cheap to expensive: the order of the cascade (`run_suite(mode="cascade")`).
 DEFAULT_SUITE: tuple[str, ...] = (
-    "fgsm", "pgd", "apgd-ce", "apgd-dlr", "square", "bpda", "eot", "gradient-free", "transfer",
+    "fgsm", "pgd", "apgd-ce", "apgd-dlr", "bpda", "transfer", "fmn", "apgd-t", "square", "eot",
+    "gradient-free",
 )  # fmt: skip
+# The strong suite adds FAB-T and the literature's k-WTA attack (`es`).
+STRONG_SUITE: tuple[str, ...] = DEFAULT_SUITE + ("fab-t", "es")
+MODES = ("full", "cascade")
+
+
+def default_suite(budget: str = "default", norm: str = "linf") -> tuple[str, ...]:
+    """The attack names run by default at ``budget`` (`STRONG_SUITE` for ``"strong"``), less
+    Square for ``norm="l2"`` (only the L-inf Square attack is implemented)."""
+    names = STRONG_SUITE if budget == "strong" else DEFAULT_SUITE
+    return names if norm == "linf" else tuple(n for n in names if n != "square")
 
 
 def build_suite(
@@ -171,6 +214,23 @@ def build_suite(
     if norm == "l2" and "square" in names:
         raise ValueError("square: only the L-inf Square attack is implemented; drop it for L2.")
     return [table[n] for n in names]
+
+
+# AutoAttack "standard" (Croce & Hein 2020, version="standard"): 100 iterations, 1 restart
+# for APGD-CE; 9 target classes, 1 restart each, for APGD-T and FAB-T; Square 5,000 queries.
+AUTOATTACK_STANDARD = dict(apgd_steps=100, restarts=1, n_target_classes=9, fab_steps=100,
+                           square_queries=5000)  # fmt: skip
+
+
+def autoattack_suite(norm: str = "linf", **overrides) -> list[AttackSpec]:
+    """AutoAttack "standard": APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000
+    queries), in that order; run it with ``run_suite(..., mode="cascade")`` as AutoAttack
+    does. ``overrides`` change `AUTOATTACK_STANDARD`'s numbers. For ``norm="l2"`` Square is
+    left out (only the L-inf Square attack is implemented), so the L2 preset is weaker than
+    AutoAttack's."""
+    budget = {**AUTOATTACK_STANDARD, **overrides}
+    names = ["apgd-ce", "apgd-t", "fab-t"] + (["square"] if norm == "linf" else [])
+    return build_suite(names, norm=norm, budget=budget)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +311,15 @@ def _bind(spec: AttackSpec, models: Models) -> Callable | None:
             return None
         extra["source_logits_fn"] = models.source_logits_fn
 
+    if spec.min_norm:
+
+        def run_min_norm(x, y, key):
+            x_adv, dist = spec.fn(models.logits_fn, x, y, key, **extra)
+            pred = jnp.argmax(models.logits_fn(x_adv), -1)
+            return x_adv, pred, jnp.argmax(models.logits_fn(x), -1), dist
+
+        return run_min_norm
+
     def run(x, y, key, eps):
         x_adv = spec.fn(models.logits_fn, x, y, key, eps=eps, **extra)
         return x_adv, jnp.argmax(models.logits_fn(x_adv), -1)
@@ -267,6 +336,35 @@ def skip_reason(spec: AttackSpec, models: Models) -> str | None:
     return None
 
 
+def local_mesh() -> Mesh:
+    """A 1-D mesh with axis ``"batch"`` over this host's devices: the convention of
+    `kwta_jax.training.make_mesh`, which `kwta_jax.workflows` passes in."""
+    return Mesh(np.asarray(jax.local_devices()), ("batch",))
+
+
+class _Sharder:
+    """Puts a chunk's examples on the ``mesh`` split along axis ``"batch"`` (keys and eps
+    replicated); a no-op on one device."""
+
+    def __init__(self, mesh: Mesh | None):
+        self.size = 1 if mesh is None else mesh.size
+        self.batch = None if self.size == 1 else NamedSharding(mesh, PartitionSpec("batch"))
+        self.rep = None if self.size == 1 else NamedSharding(mesh, PartitionSpec())
+
+    def chunk_size(self, batch_size: int, n: int) -> int:
+        """``min(batch_size, n)`` rounded up to a multiple of 8 and of the device count: with
+        1, 2, 4 or 8 devices the chunks (hence the keys and random draws) are the same."""
+        q = math.lcm(8, self.size)
+        return -(-min(batch_size, n) // q) * q
+
+    def examples(self, a):
+        a = jnp.asarray(a)
+        return a if self.batch is None else jax.device_put(a, self.batch)
+
+    def replicated(self, a):
+        return a if self.rep is None else jax.device_put(a, self.rep)
+
+
 def run_attack(
     spec: AttackSpec,
     models: Models,
@@ -279,48 +377,125 @@ def run_attack(
     batch_size: int = 250,
     keep: int = 0,
     progress: MakeBar | None = None,
+    active: dict[float, np.ndarray] | None = None,
+    mesh: Mesh | None = None,
 ) -> dict:
     """Runs one attack at every radius over ``x [N, H, W, C]``, ``y [N]`` in chunks.
 
+    ``active``: per radius, an ``[N]`` bool mask of the examples to attack (the cascade);
+    ``None``: all. The attacked examples are packed into chunks of ``batch_size`` (at most the
+    most examples attacked at one radius; rounded up to a multiple of 8 and of the devices of
+    ``mesh``, over which each chunk is split; the last chunk padded); chunk ``c`` at the
+    ``i``-th radius gets key ``fold_in(fold_in(key, i), c)``. A minimum-norm attack
+    (``spec.min_norm``) runs once, on the union of the masks, with key ``fold_in(key, 0)``.
+
     Returns ``{"pred": {eps: [N] int}, "seconds": {eps: float}, "compile_s": float,
-    "examples": {eps: x_adv[:keep]}}``. Raises `AttackInvariantError` if an adversarial
-    example leaves its ball or the box. ``progress``: a bar factory (`kwta_jax.progress`).
+    "examples": {eps: x_adv[:keep]}, "attacked": {eps: [N] bool}, "dist": [N] float or
+    None}``: ``pred`` is -1 where the example was not attacked; ``dist`` (minimum-norm attacks)
+    the distance found, ``inf`` where none, ``nan`` where not attacked. Raises
+    `AttackInvariantError` if an adversarial example leaves its ball or the box.
     """
     run = _bind(spec, models)
     n = len(x)
-    bs = min(batch_size, n)
+    eps_values = [float(e) for e in eps_values]
+    if active is None:
+        active = {e: np.ones(n, bool) for e in eps_values}
+    attacked = {e: np.asarray(active[e], bool) for e in eps_values}
+    if not any(m.any() for m in attacked.values()):
+        # Nothing left to attack (a late cascade stage): not even compiled.
+        return {"pred": {e: np.full(n, -1, np.int64) for e in eps_values},
+                "seconds": {e: 0.0 for e in eps_values}, "compile_s": 0.0,
+                "examples": {e: np.array(x[:keep]) for e in eps_values}, "attacked": attacked,
+                "dist": np.full(n, np.nan, np.float32) if spec.min_norm else None}  # fmt: skip
+    sharder = _Sharder(mesh)
+    # Chunks no larger than the most examples attacked at one radius (a late cascade stage
+    # attacks few): one compilation for every radius.
+    most = int(max(m.sum() for m in attacked.values()))
+    if spec.min_norm:
+        most = int(np.logical_or.reduce(list(attacked.values())).sum())
+    bs = sharder.chunk_size(batch_size, most)
     t0 = time.perf_counter()
-    compiled = (
-        jax.jit(run)
-        .lower(jnp.asarray(x[:bs]), jnp.asarray(y[:bs]), key, jnp.float32(eps_values[0]))
-        .compile()
-    )
-    out = {"pred": {}, "seconds": {}, "examples": {}, "compile_s": time.perf_counter() - t0}
-    bar = open_bar(progress, total=n * len(eps_values), desc=f"{models.name}:{spec.name}",
-                   unit="ex")  # fmt: skip
-    for ie, eps in enumerate(eps_values):
-        preds, kept = [], []
+    args = [sharder.examples(_pad(x[:1], bs)), sharder.examples(_pad(y[:1], bs)),
+            sharder.replicated(key)]  # fmt: skip
+    if not spec.min_norm:
+        args.append(sharder.replicated(jnp.float32(eps_values[0])))
+    compiled = jax.jit(run).lower(*args).compile()
+    out = {"pred": {}, "seconds": {}, "examples": {}, "compile_s": time.perf_counter() - t0,
+           "attacked": attacked, "dist": None}  # fmt: skip
+    bar = open_bar(progress, total=sum(int(m.sum()) for m in out["attacked"].values()),
+                   desc=f"{models.name}:{spec.name}", unit="ex")  # fmt: skip
+
+    def chunks(idx, k_eps):
+        for ic, a in enumerate(range(0, len(idx), bs)):
+            sel = idx[a : a + bs]
+            xc = sharder.examples(_pad(x[sel], bs))
+            yc = sharder.examples(_pad(y[sel], bs))
+            yield sel, xc, yc, sharder.replicated(jax.random.fold_in(k_eps, ic))
+
+    if spec.min_norm:
+        union = np.zeros(n, bool)
+        for m in out["attacked"].values():
+            union |= m
+        idx = np.flatnonzero(union)
+        x_adv_all = np.array(x)
+        pred_adv = np.full(n, -1, np.int64)
+        pred_x = np.full(n, -1, np.int64)
+        dist = np.full(n, np.nan, np.float32)
         t0 = time.perf_counter()
-        for ic, (a, b) in enumerate(_chunks(n, bs)):
-            k = jax.random.fold_in(jax.random.fold_in(key, ie), ic)
-            xc, yc = _pad(x[a:b], bs), _pad(y[a:b], bs)
-            x_adv, pred = compiled(jnp.asarray(xc), jnp.asarray(yc), k, jnp.float32(eps))
-            x_adv = np.asarray(x_adv)[: b - a]
-            check_threat_model(x_adv, x[a:b], eps, norm, name=spec.name)
-            preds.append(np.asarray(pred)[: b - a])
-            if sum(len(v) for v in kept) < keep:
-                kept.append(x_adv[:keep])
-            bar.update(b - a)
+        for sel, xc, yc, k in chunks(idx, jax.random.fold_in(key, 0)):
+            xa, pa, px, d = compiled(xc, yc, k)
+            m = len(sel)
+            x_adv_all[sel] = np.asarray(xa)[:m]
+            pred_adv[sel], pred_x[sel] = np.asarray(pa)[:m], np.asarray(px)[:m]
+            dist[sel] = np.asarray(d)[:m]
+        run_s = time.perf_counter() - t0
+        out["dist"] = dist
+        for eps in eps_values:
+            t0 = time.perf_counter()
+            att = out["attacked"][eps]
+            within = att & (dist <= eps)
+            x_eps = np.where(within.reshape((-1,) + (1,) * (x.ndim - 1)), x_adv_all, x)
+            check_threat_model(x_eps[att], x[att], eps, norm, name=spec.name)
+            out["pred"][eps] = np.where(att, np.where(within, pred_adv, pred_x), -1)
+            out["examples"][eps] = x_eps[:keep]
+            # The one run serves every radius: its time is shared evenly.
+            out["seconds"][eps] = run_s / len(eps_values) + time.perf_counter() - t0
+            bar.update(int(att.sum()))
+        bar.close()
+        return out
+
+    for ie, eps in enumerate(eps_values):
+        pred = np.full(n, -1, np.int64)
+        x_eps = np.array(x[:keep])
+        t0 = time.perf_counter()
+        idx = np.flatnonzero(out["attacked"][eps])
+        for sel, xc, yc, k in chunks(idx, jax.random.fold_in(key, ie)):
+            xa, pa = compiled(xc, yc, k, sharder.replicated(jnp.float32(eps)))
+            m = len(sel)
+            xa = np.asarray(xa)[:m]
+            check_threat_model(xa, x[sel], eps, norm, name=spec.name)
+            pred[sel] = np.asarray(pa)[:m]
+            shown = sel < keep
+            x_eps[sel[shown]] = xa[shown]
+            bar.update(m)
         out["seconds"][eps] = time.perf_counter() - t0
-        out["pred"][eps] = np.concatenate(preds).astype(np.int64)
-        out["examples"][eps] = np.concatenate(kept)[:keep] if kept else x[:0]
+        out["pred"][eps] = pred
+        out["examples"][eps] = x_eps
     bar.close()
     return out
 
 
 @dataclasses.dataclass
 class EvalResult:
-    """Outcome of `run_suite`. Arrays are over the ``N`` evaluated examples."""
+    """Outcome of `run_suite`. Arrays are over the ``N`` evaluated examples.
+
+    ``mode="full"``: ``pred[a][eps]`` is attack ``a``'s prediction on every example.
+    ``mode="cascade"``: attack ``a`` ran only on the examples every earlier attack failed on
+    (``attacked[a][eps]``); ``pred`` is -1 elsewhere, so ``accuracy(a, eps)`` is the robust
+    accuracy after the stages up to ``a`` and the last one is the worst case. In both modes
+    `worst_correct` is the per-example AND over attacks and `breaker` the first attack (in
+    suite order) that broke each example.
+    """
 
     name: str
     norm: str
@@ -335,6 +510,10 @@ class EvalResult:
     examples: dict[str, dict[float, np.ndarray]]  # attack -> eps -> x_adv[:keep]
     clean_examples: np.ndarray  # x[:keep]
     extra: dict = dataclasses.field(default_factory=dict)
+    mode: str = "full"
+    attacked: dict[str, dict[float, np.ndarray]] = dataclasses.field(default_factory=dict)
+    min_norm_dist: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # a -> [N]
+    devices: int = 1
 
     @property
     def n(self) -> int:
@@ -345,7 +524,8 @@ class EvalResult:
         return self.clean_pred == self.labels
 
     def correct(self, attack: str, eps: float) -> np.ndarray:
-        """``[N]`` bool: correct clean and under ``attack`` at ``eps``."""
+        """``[N]`` bool: correct clean and under ``attack`` at ``eps`` (cascade: and under
+        every earlier attack)."""
         return self.clean_correct & (self.pred[attack][eps] == self.labels)
 
     def accuracy(self, attack: str, eps: float) -> float:
@@ -361,28 +541,93 @@ class EvalResult:
     def worst_accuracy(self, eps: float) -> float:
         return float(self.worst_correct(eps).mean())
 
+    def breaker(self, eps: float) -> np.ndarray:
+        """``[N]`` int: index in ``list(pred)`` of the first attack that broke each example
+        at ``eps``; -1 where none did (robust), -2 where the clean prediction is wrong."""
+        out = np.where(self.clean_correct, -1, -2)
+        for i, a in enumerate(self.pred):
+            broke = (out == -1) & (self.pred[a][eps] >= 0) & (self.pred[a][eps] != self.labels)
+            out[broke] = i
+        return out
+
+    def broken_by(self, eps: float) -> dict[str, int]:
+        """Examples each attack broke first at ``eps`` (suite order)."""
+        b = self.breaker(eps)
+        return {a: int((b == i).sum()) for i, a in enumerate(self.pred)}
+
+    def min_distance(self) -> np.ndarray | None:
+        """``[N]``: smallest distance found by the minimum-norm attacks per example (``inf``
+        where none found an adversarial); ``None`` without a minimum-norm attack."""
+        if not self.min_norm_dist:
+            return None
+        d = np.stack(list(self.min_norm_dist.values()))
+        d = np.where(np.isnan(d), np.inf, d)
+        return d.min(0)
+
+    def median_min_norm(self, attack: str | None = None) -> float | None:
+        """Median over the clean-correct examples of the minimum-norm distance (of ``attack``,
+        default the smallest over every minimum-norm attack); an example where nothing was
+        found counts as ``inf`` (so the median is ``inf`` if that is most of them). ``nan``
+        without clean-correct examples, ``None`` without a minimum-norm attack."""
+        d = self.min_distance() if attack is None else self.min_norm_dist[attack]
+        if d is None:
+            return None
+        d = np.where(np.isnan(d), np.inf, d)[self.clean_correct]
+        return float(np.median(d)) if len(d) else float("nan")
+
     def throughput(self, attack: str) -> float:
-        """Examples per second, over all radii, compilation excluded."""
-        return self.n * len(self.eps_values) / max(sum(self.seconds[attack].values()), 1e-9)
+        """Examples attacked per second, over all radii, compilation excluded."""
+        n = sum(int(self.attacked[attack][e].sum()) for e in self.eps_values) \
+            if attack in self.attacked else self.n * len(self.eps_values)  # fmt: skip
+        return n / max(sum(self.seconds[attack].values()), 1e-9)
+
+    def per_image(self) -> dict[str, np.ndarray]:
+        """Per-example arrays: ``labels``, ``clean_pred``, ``attacks`` (names, suite order),
+        ``robust/<attack>/<eps>`` and ``worst_robust/<eps>`` (bool), ``attacked/<attack>/<eps>``
+        (bool), ``breaker/<eps>`` (int, see `breaker`), ``min_norm/<attack>`` (float; ``inf``
+        none found, ``nan`` not attacked)."""
+        out = {"labels": self.labels, "clean_pred": self.clean_pred,
+               "attacks": np.asarray(list(self.pred), dtype=str),
+               "eps": np.asarray(self.eps_values, np.float64)}  # fmt: skip
+        for e in self.eps_values:
+            out[f"worst_robust/{e}"] = self.worst_correct(e)
+            out[f"breaker/{e}"] = self.breaker(e)
+            for a in self.pred:
+                out[f"robust/{a}/{e}"] = self.correct(a, e)
+                out[f"attacked/{a}/{e}"] = self.attacked[a][e] if a in self.attacked \
+                    else np.ones(self.n, bool)  # fmt: skip
+        for a, d in self.min_norm_dist.items():
+            out[f"min_norm/{a}"] = d
+        return out
 
     def to_dict(self) -> dict:
+        attacks_ = {}
+        for a in self.pred:
+            entry = {
+                "kind": self.kinds[a],
+                "accuracy": {str(e): self.accuracy(a, e) for e in self.eps_values},
+                "seconds": {str(e): self.seconds[a][e] for e in self.eps_values},
+                "compile_seconds": self.compile_s[a],
+                "examples_per_second": self.throughput(a),
+            }
+            if a in self.attacked:
+                entry["attacked"] = {str(e): int(self.attacked[a][e].sum())
+                                     for e in self.eps_values}  # fmt: skip
+            if a in self.min_norm_dist:
+                entry["median_min_norm"] = self.median_min_norm(a)
+            attacks_[a] = entry
         return {
             "model": self.name,
             "norm": self.norm,
+            "mode": self.mode,
+            "devices": self.devices,
             "n_examples": self.n,
             "eps": self.eps_values,
             "clean_accuracy": float(self.clean_correct.mean()),
-            "attacks": {
-                a: {
-                    "kind": self.kinds[a],
-                    "accuracy": {str(e): self.accuracy(a, e) for e in self.eps_values},
-                    "seconds": {str(e): self.seconds[a][e] for e in self.eps_values},
-                    "compile_seconds": self.compile_s[a],
-                    "examples_per_second": self.throughput(a),
-                }
-                for a in self.pred
-            },
+            "attacks": attacks_,
             "worst_case_accuracy": {str(e): self.worst_accuracy(e) for e in self.eps_values},
+            "broken_by": {str(e): self.broken_by(e) for e in self.eps_values},
+            "median_min_norm": self.median_min_norm(),
             "skipped": self.skipped,
             **self.extra,
         }
@@ -400,14 +645,28 @@ def run_suite(
     seed: int = 0,
     keep: int = 8,
     progress: MakeBar | None = None,
+    mode: str = "full",
+    mesh: Mesh | None = None,
 ) -> EvalResult:
     """Runs ``suite`` on ``x [N, H, W, C]`` float32 in [0, 1], ``y [N]`` at each radius.
 
-    Attack ``i`` gets key ``fold_in(key(seed), i)``, so results are reproducible for a seed.
-    Attacks whose extra model is missing are skipped (listed in ``result.skipped``). Each
-    attack shows a bar from ``progress`` (a factory, see `kwta_jax.progress`; ``None``: none).
+    ``mode="full"``: every attack on every example (the per-attack table).
+    ``mode="cascade"`` (AutoAttack's rule): the attacks run in suite order, each at radius
+    ``eps`` only on the clean-correct examples every earlier attack failed on at ``eps``;
+    minimum-norm attacks (``spec.min_norm``) run once, on every clean-correct example, so
+    their distances (and `EvalResult.median_min_norm`) do not depend on the mode. The worst
+    case counts the same examples as robust in both modes up to the randomness of the attacks
+    (an example's chunk, hence its random draws, differs when earlier attacks removed others).
+
+    Attack ``i`` gets key ``fold_in(key(seed), i)`` (chunks and radii: see `run_attack`), so
+    results are reproducible for a seed. ``mesh``: a 1-D mesh (axis ``"batch"``) whose
+    devices split every chunk; default `local_mesh` (all local devices). Attacks whose extra
+    model is missing are skipped (listed in ``result.skipped``). Each attack shows a bar from
+    ``progress`` (a factory, see `kwta_jax.progress`; ``None``: none).
     """
     check_norm(norm)
+    if mode not in MODES:
+        raise ValueError(f"run_suite: mode must be one of {MODES}; got {mode!r}.")
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
     if x.ndim != 4 or y.shape != (len(x),):
@@ -419,24 +678,44 @@ def run_suite(
     eps_values = [float(e) for e in eps_values]
     if not eps_values or min(eps_values) <= 0:
         raise ValueError(f"run_suite: eps values must be > 0; got {eps_values}.")
+    mesh = local_mesh() if mesh is None else mesh
     key = jax.random.key(seed)
     res = EvalResult(
         name=models.name, norm=norm, eps_values=eps_values, labels=y.astype(np.int64),
         clean_pred=predict(models.logits_fn, x, batch_size=batch_size), pred={}, seconds={},
-        compile_s={}, kinds={}, skipped={}, examples={}, clean_examples=x[:keep],
+        compile_s={}, kinds={}, skipped={}, examples={}, clean_examples=x[:keep], mode=mode,
+        devices=mesh.size,
     )  # fmt: skip
+    # Cascade: per radius, the clean-correct examples no attack has broken yet.
+    remaining = {e: res.clean_correct.copy() for e in eps_values}
     for i, spec in enumerate(suite):
         reason = skip_reason(spec, models)
         if reason:
             res.skipped[spec.name] = reason
             continue
+        if mode == "full":
+            active = None
+        elif spec.min_norm:
+            active = {e: res.clean_correct.copy() for e in eps_values}
+        else:
+            active = {e: m.copy() for e, m in remaining.items()}
         out = run_attack(
             spec, models, x, y, eps_values=eps_values, norm=norm,
             key=jax.random.fold_in(key, i), batch_size=batch_size, keep=keep, progress=progress,
+            active=active, mesh=mesh,
         )  # fmt: skip
+        if mode == "cascade":
+            for e in eps_values:
+                if spec.min_norm:  # it ran on every clean-correct example: keep the stage's own
+                    out["attacked"][e] = remaining[e].copy()
+                    out["pred"][e] = np.where(remaining[e], out["pred"][e], -1)
+                remaining[e] &= out["pred"][e] == res.labels
         res.pred[spec.name] = out["pred"]
         res.seconds[spec.name] = out["seconds"]
         res.compile_s[spec.name] = out["compile_s"]
         res.kinds[spec.name] = spec.kind
         res.examples[spec.name] = out["examples"]
+        res.attacked[spec.name] = out["attacked"]
+        if out["dist"] is not None:
+            res.min_norm_dist[spec.name] = out["dist"]
     return res

@@ -1,7 +1,7 @@
 """Reports: every table, JSON file and plot the library writes, in one place.
 
 * attack suite (`kwta_jax.evaluation.EvalResult`): `format_table`, `save_json`,
-  `plot_accuracy_vs_eps`, `plot_examples`;
+  `save_per_image` (``results_per_image.npz``), `plot_accuracy_vs_eps`, `plot_examples`;
 * gradient-masking checks (`kwta_jax.diagnostics.Flag`): `format_flags`;
 * training: `plot_learning_curves` (``curves.png``), `format_comparison` (the ReLU-vs-k-WTA
   table of ``summary.json``);
@@ -40,6 +40,7 @@ __all__ = [
     "plot_learning_curves",
     "plot_report",
     "save_json",
+    "save_per_image",
 ]
 
 # Attack kinds that do not trust the model's own gradient (the "strongest adaptive" row).
@@ -70,23 +71,43 @@ def format_eps(e: float) -> str:
 
 
 def format_table(res: EvalResult) -> str:
-    """A text table: one row per attack (accuracy in % at each eps, examples/s), then the
-    per-example worst case."""
+    """A text table: one row per attack (accuracy in % at each eps, examples/s, seconds),
+    the per-example worst case, the examples each attack broke first, and the median
+    minimum-norm distance. In cascade mode a row's accuracy is the one after that stage (it
+    attacked only what the rows above left robust)."""
     cols = [format_eps(e) for e in res.eps_values]
     w = max([len("worst case (all attacks)")] + [len(a) for a in res.pred]) + 2
-    head = f"{'attack':<{w}}{'kind':<15}" + "".join(f"{c:>9}" for c in cols) + f"{'ex/s':>10}"
+    head = (f"{'attack':<{w}}{'kind':<15}" + "".join(f"{c:>9}" for c in cols)
+            + f"{'ex/s':>10}{'s':>8}")  # fmt: skip
+    mode = res.mode
+    if mode == "cascade":
+        mode += ": each row attacks only what the rows above left robust; accuracy after it"
     lines = [
         f"{res.name}: {res.norm} robust accuracy (%) on {res.n} examples; "
-        f"clean {100 * res.clean_correct.mean():.1f}%",
+        f"clean {100 * res.clean_correct.mean():.1f}%; mode {mode}; {res.devices} device(s)",
         head,
         "-" * len(head),
     ]
     for a in res.pred:
         accs = "".join(f"{100 * res.accuracy(a, e):>9.1f}" for e in res.eps_values)
-        lines.append(f"{a:<{w}}{res.kinds[a]:<15}{accs}{res.throughput(a):>10.0f}")
+        secs = sum(res.seconds[a].values()) + res.compile_s[a]
+        lines.append(f"{a:<{w}}{res.kinds[a]:<15}{accs}{res.throughput(a):>10.0f}{secs:>8.1f}")
     lines.append("-" * len(head))
     accs = "".join(f"{100 * res.worst_accuracy(e):>9.1f}" for e in res.eps_values)
     lines.append(f"{'worst case (all attacks)':<{w}}{'':<15}{accs}")
+    if res.pred:
+        lines.append("examples each attack broke first (suite order), per eps:")
+        broke = {e: res.broken_by(e) for e in res.eps_values}
+        for a in res.pred:
+            counts = "".join(f"{broke[e][a]:>9d}" for e in res.eps_values)
+            lines.append(f"  {a:<{w - 2}}{'':<15}{counts}")
+    med = res.median_min_norm()
+    if med is not None:
+        per = ", ".join(f"{a} {res.median_min_norm(a):.4g}" for a in res.min_norm_dist)
+        lines.append(
+            f"median min-norm distance ({res.norm}, over clean-correct examples, inf where "
+            f"none found): {med:.4g} (per attack: {per})"
+        )
     for a, why in res.skipped.items():
         lines.append(f"(skipped {a}: {why})")
     return "\n".join(lines)
@@ -95,6 +116,25 @@ def format_table(res: EvalResult) -> str:
 def save_json(payload: dict, path) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=float)
+
+
+def save_per_image(results: Sequence[EvalResult], path) -> Path:
+    """Writes the per-example arrays of each result (`EvalResult.per_image`) to one ``.npz``:
+    ``models`` (the keys, the model names with ``#i`` appended to repeats) and
+    ``<model>/<array>`` (``labels``, ``clean_pred``, ``robust/<attack>/<eps>``,
+    ``worst_robust/<eps>``, ``attacked/<attack>/<eps>``, ``breaker/<eps>``,
+    ``min_norm/<attack>``). Written atomically. Returns ``Path(path)``."""
+    path = Path(path)
+    arrays, names = {}, []
+    for i, res in enumerate(results):
+        name = res.name if res.name not in names else f"{res.name}#{i}"
+        names.append(name)
+        arrays.update({f"{name}/{k}": v for k, v in res.per_image().items()})
+    arrays["models"] = np.asarray(names, dtype=str)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
 
 
 def plot_accuracy_vs_eps(results: Sequence[EvalResult], path) -> None:
@@ -136,7 +176,8 @@ def plot_examples(res: EvalResult, path, *, eps: float | None = None, rows: int 
             cmap = "gray" if img.shape[-1] == 1 else None
             ax.imshow(np.clip(img.squeeze(-1) if img.shape[-1] == 1 else img, 0, 1), cmap=cmap,
                       vmin=0, vmax=1)  # fmt: skip
-            ax.set_title(f"{name}\npred {pred}" if r == 0 else f"pred {pred}", fontsize=7,
+            label = "not run" if pred < 0 else f"pred {pred}"
+            ax.set_title(f"{name}\n{label}" if r == 0 else label, fontsize=7,
                          color="black" if pred == res.labels[r] else "red")  # fmt: skip
             ax.axis("off")
     fig.suptitle(f"{res.name}: {res.norm} eps={format_eps(eps)}", fontsize=9)

@@ -23,6 +23,8 @@ import attack  # noqa: E402
         (["{tmp}/missing"], "does not exist"),
         (["{tmp}", "--n-examples", "0"], "must be positive"),
         (["{tmp}", "--norm", "l2", "--attacks", "square"], "square is L-inf only"),
+        (["{tmp}", "--preset", "autoattack", "--attacks", "pgd"], "are exclusive"),
+        (["{tmp}", "--mode", "fast"], "invalid choice: 'fast'"),
     ],
 )
 def test_bad_arguments_exit_with_a_clear_message(argv, message, tmp_path, capsys):
@@ -100,6 +102,44 @@ def test_cli_end_to_end_on_stand_in_runs(monkeypatch, tmp_path, capsys):
         assert all(worst <= a["accuracy"]["0.3"] for a in r["attacks"].values())
         assert r["flags"] and all("explanation" in f for f in r["flags"])
     assert (out / "accuracy_vs_eps.png").is_file() and (out / "examples_kwta.png").is_file()
+
+
+def test_cli_cascade_full_per_image_and_preset(monkeypatch, tmp_path, capsys):
+    runs = _fake_training_modules(monkeypatch, tmp_path)
+    common = ["--quick", "--eps", "0.1", "0.3", "--batch-size", "16", "--no-progress",
+              "--no-diagnostics"]  # fmt: skip
+    payloads = {}
+    for mode in ("full", "cascade"):
+        out = tmp_path / mode
+        argv = [str(runs), "--attacks", "fgsm", "fmn", "--mode", mode, "--out", str(out)]
+        assert attack.main(argv + common) == 0
+        payloads[mode] = json.loads((out / "results.json").read_text())
+        assert payloads[mode]["mode"] == mode and payloads[mode]["devices"] >= 1
+        with np.load(out / "results_per_image.npz") as z:
+            names = list(z["models"])
+            assert len(names) == 2
+            for name, r in zip(names, payloads[mode]["runs"], strict=True):
+                assert r["mode"] == mode and r["median_min_norm"] is not None
+                for e in ("0.1", "0.3"):
+                    worst = z[f"{name}/worst_robust/{e}"]
+                    assert worst.mean() == pytest.approx(r["worst_case_accuracy"][e])
+                    breaker = z[f"{name}/breaker/{e}"]
+                    assert int((breaker == 0).sum()) == r["broken_by"][e]["fgsm"]
+                assert np.isfinite(z[f"{name}/min_norm/fmn"]).any()
+    text = capsys.readouterr().out
+    assert "mode cascade" in text and "median min-norm distance" in text
+    # FGSM and FMN are deterministic: the cascade's worst case is the full table's.
+    for rf, rc in zip(payloads["full"]["runs"], payloads["cascade"]["runs"], strict=True):
+        assert rf["worst_case_accuracy"] == rc["worst_case_accuracy"]
+        assert rf["median_min_norm"] == rc["median_min_norm"]
+
+    out = tmp_path / "aa"
+    argv = [str(runs), "--preset", "autoattack", "--out", str(out)] + common
+    assert attack.main(argv) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["preset"] == "autoattack" and payload["mode"] == "cascade"
+    assert payload["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert list(payload["runs"][0]["attacks"]) == payload["attacks"]
 
 
 @pytest.mark.slow

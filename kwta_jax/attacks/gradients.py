@@ -118,7 +118,9 @@ def finite_differences_blocked(
     ``(L(x + sigma u) - L(x - sigma u)) u``, so peak memory does not grow with ``samples``.
     Block ``j`` draws its noise from ``fold_in(key, j)``.
     """
-    if samples < 1 or sigma <= 0 or block_size < 1:
+    # sigma may be traced (`es` sets it to eps, a traced argument of the suite's attacks).
+    bad_sigma = isinstance(sigma, (int, float)) and sigma <= 0
+    if samples < 1 or bad_sigma or block_size < 1:
         raise ValueError(
             "finite_differences_blocked: need samples >= 1, sigma > 0, block_size >= 1; got "
             f"{samples}, {sigma}, {block_size}."
