@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import signal
 import sys
+import threading
 
 from tqdm.auto import tqdm
 
@@ -224,14 +226,46 @@ def _resume_command(argv) -> str:
     return " ".join(["python train.py", *argv, "--resume"])
 
 
+class _CtrlC:
+    """Ctrl-C that library code cannot swallow.
+
+    Orbax runs its event loop with ``except BaseException`` around it, so a KeyboardInterrupt
+    that lands during a checkpoint save is logged and dropped, and training would go on. The
+    handler remembers the request; the next log line (once per epoch) raises it again.
+    """
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def log(self, message: str) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        tqdm.write(message)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list_experiments:
         print(describe_experiments())
         return 0
+    ctrl_c = _CtrlC()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, ctrl_c) if on_main_thread else None
+    try:
+        return _run(args, argv, ctrl_c)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(args, argv, ctrl_c: _CtrlC) -> int:
     common = dict(resume=args.resume, overwrite=args.overwrite, distributed=args.distributed,
                   keep_checkpoints=args.keep_checkpoints, progress=_bars(not args.no_progress),
-                  log=tqdm.write)  # fmt: skip
+                  log=ctrl_c.log)  # fmt: skip
     try:
         if args.experiment is None:
             workflows.compare_activations(args.config, args.out, acts=args.act,
