@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from kwta_jax import flags, runs, workflows
 from kwta_jax.attacks import ES_SCHEDULE
 from kwta_jax.checkpointing import CheckpointError
-from kwta_jax.evaluation import (
+from kwta_jax.runs import RunDirError
+from kwta_jax.suites import (
     ATTACKS,
     BUDGETS,
     DEFAULT_EPS,
@@ -34,7 +35,6 @@ from kwta_jax.evaluation import (
     MODES,
     STRONG_SUITE,
 )
-from kwta_jax.runs import RunDirError
 
 
 def parse_args(argv=None) -> argparse.Namespace:

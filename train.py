@@ -32,7 +32,6 @@ from kwta_jax import flags, workflows
 from kwta_jax.checkpointing import CheckpointError
 from kwta_jax.config import ConfigError, TrainConfig
 from kwta_jax.data import DatasetUnavailableError
-from kwta_jax.evaluation import BUDGETS
 from kwta_jax.experiments import (
     EXPERIMENTS,
     OVERRIDABLE_FIELDS,
@@ -40,6 +39,7 @@ from kwta_jax.experiments import (
     get_experiment,
 )
 from kwta_jax.runs import RunDirError
+from kwta_jax.suites import BUDGETS
 from kwta_jax.workflows import DEFAULT_FGSM_EPS
 
 DEFAULTS = TrainConfig()

@@ -23,7 +23,8 @@ import numpy as np
 
 from kwta_jax import attacks
 from kwta_jax.attacks.losses import loss_and_grad, margin
-from kwta_jax.evaluation import EvalResult, Models, build_suite, run_suite
+from kwta_jax.evaluation import EvalResult, Models, run_suite
+from kwta_jax.suites import build_suite
 
 __all__ = [
     "Flag",

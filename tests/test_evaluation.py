@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_attacks_adaptive import masked_model, relu_model, toy_data
 
-from kwta_jax import evaluation, reports
+from kwta_jax import attacks, evaluation, reports, suites
 from kwta_jax.attacks import AttackInvariantError
 
 
@@ -247,8 +247,8 @@ def test_strong_suite_has_min_norm_and_es():
     assert {"fmn", "apgd-t", "fab-t", "es"} <= set(evaluation.STRONG_SUITE)
     assert evaluation.default_suite("strong") == evaluation.STRONG_SUITE
     es = {s.name: s for s in evaluation.build_suite(evaluation.STRONG_SUITE, budget="strong")}
-    assert es["es"].fn.keywords["schedule"] == evaluation.ES_SCHEDULE_CPU
-    full = evaluation.build_suite(["es"], budget={"es_schedule": evaluation.attacks.ES_SCHEDULE})
+    assert es["es"].fn.keywords["schedule"] == suites.ES_SCHEDULE_CPU
+    full = evaluation.build_suite(["es"], budget={"es_schedule": attacks.ES_SCHEDULE})
     assert full[0].fn.keywords["schedule"] == ((100, 100), (50, 1000), (20, 20000))
     with pytest.raises(ValueError, match="mode"):
         x, y, _ = toy_data(4)

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kwta_jax.kernels import kwta_cpu
 from kwta_jax.kernels.kwta_cpu import (
     CpuKernelUnavailable,
     build_library,
@@ -28,6 +27,7 @@ from kwta_jax.kernels.kwta_cpu import (
 from kwta_reference import numpy_kwta, same_bits
 
 from kwta_jax import kwta
+from kwta_jax.kernels import kwta_cpu
 from kwta_jax.ops import kwta_rows_topk, resolve_impl
 from kwta_jax.rank_keys import rank_keys
 
