@@ -24,8 +24,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from kwta_jax.diagnostics import Flag
-    from kwta_jax.evaluation import EvalResult
     from kwta_jax.experiments import Experiment
+    from kwta_jax.results import EvalResult
 
 __all__ = [
     "ADAPTIVE_KINDS",

@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     # 1: the op layer (rank keys, selection, kernels, ops, layers, attacks, benchmark).
     "kwta_jax.models": 2,
     "kwta_jax.suites": 2,
+    "kwta_jax.results": 0,
     "kwta_jax.config": 3,
     "kwta_jax.runs": 4,
     "kwta_jax.training": 4,
