@@ -55,17 +55,22 @@ def test_plain_relu_model_is_not_flagged():
     assert "no flag fired" in text
 
 
-def test_flag_logic_on_synthetic_results():
-    # Accuracy rising with eps and PGD weaker than FGSM must both fire.
+def _synthetic_result(mode: str = "full") -> evaluation.EvalResult:
+    """FGSM breaks half at 0.1 and all at 0.2; PGD half at 0.1 and none at 0.2."""
     labels = np.zeros(10, np.int64)
     right, wrong = np.zeros(10, np.int64), np.ones(10, np.int64)
     half = np.r_[np.zeros(5), np.ones(5)].astype(np.int64)
-    res = evaluation.EvalResult(
+    return evaluation.EvalResult(
         name="m", norm="linf", eps_values=[0.1, 0.2], labels=labels, clean_pred=right,
         pred={"fgsm": {0.1: half, 0.2: wrong}, "pgd": {0.1: half, 0.2: right}},
         seconds={}, compile_s={}, kinds={"fgsm": "single-step", "pgd": "white-box"},
-        skipped={}, examples={}, clean_examples=np.zeros((0, 1, 1, 1)),
+        skipped={}, examples={}, clean_examples=np.zeros((0, 1, 1, 1)), mode=mode,
     )  # fmt: skip
+
+
+def test_flag_logic_on_synthetic_results():
+    # Accuracy rising with eps and PGD weaker than FGSM must both fire.
+    res = _synthetic_result()
     flags = {f.name: f for f in diagnostics.gradient_masking_flags(res)}
     assert flags["iterative_weaker_than_single_step"].fired
     assert flags["iterative_weaker_than_single_step"].value == pytest.approx(1.0)
@@ -76,15 +81,7 @@ def test_flag_logic_on_synthetic_results():
 def test_cascade_result_gets_only_the_flags_that_do_not_compare_attacks():
     # The synthetic result above read as a cascade: no attack-ordering flag, and the eps
     # check reads the worst case (which falls with eps here), so nothing fires.
-    labels = np.zeros(10, np.int64)
-    right, wrong = np.zeros(10, np.int64), np.ones(10, np.int64)
-    half = np.r_[np.zeros(5), np.ones(5)].astype(np.int64)
-    res = evaluation.EvalResult(
-        name="m", norm="linf", eps_values=[0.1, 0.2], labels=labels, clean_pred=right,
-        pred={"fgsm": {0.1: half, 0.2: wrong}, "pgd": {0.1: half, 0.2: right}},
-        seconds={}, compile_s={}, kinds={"fgsm": "single-step", "pgd": "white-box"},
-        skipped={}, examples={}, clean_examples=np.zeros((0, 1, 1, 1)), mode="cascade",
-    )  # fmt: skip
+    res = _synthetic_result(mode="cascade")
     flags = {f.name: f for f in diagnostics.gradient_masking_flags(res)}
     assert set(flags) == {"accuracy_not_decreasing_with_eps"}
     assert not flags["accuracy_not_decreasing_with_eps"].fired
