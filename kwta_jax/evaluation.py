@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kwta_jax.attacks.losses import LogitsFn
@@ -151,14 +152,16 @@ def _bind(spec: AttackSpec, models: Models) -> Callable | None:
 
     if spec.min_norm:
 
-        def run_min_norm(x, y, key):
+        def run_min_norm(x, y, key_data):
+            key = jax.random.wrap_key_data(key_data)
             x_adv, dist = spec.fn(models.logits_fn, x, y, key, **extra)
             pred = jnp.argmax(models.logits_fn(x_adv), -1)
             return x_adv, pred, jnp.argmax(models.logits_fn(x), -1), dist
 
         return run_min_norm
 
-    def run(x, y, key, eps):
+    def run(x, y, key_data, eps):
+        key = jax.random.wrap_key_data(key_data)
         x_adv = spec.fn(models.logits_fn, x, y, key, eps=eps, **extra)
         return x_adv, jnp.argmax(models.logits_fn(x_adv), -1)
 
@@ -182,12 +185,20 @@ def local_mesh() -> Mesh:
 
 class _Sharder:
     """Puts a chunk's examples on the ``mesh`` split along axis ``"batch"`` (keys and eps
-    replicated); a no-op on one device."""
+    replicated) and brings results back to the host; a no-op on one device.
+
+    Multi-host (a mesh over the devices of several processes, `jax.distributed`): every
+    process holds the whole chunk (all load the same test images) and contributes the rows
+    its own devices hold; results are gathered, so every process gets every prediction.
+    """
 
     def __init__(self, mesh: Mesh | None):
         self.size = 1 if mesh is None else mesh.size
         self.batch = None if self.size == 1 else NamedSharding(mesh, PartitionSpec("batch"))
         self.rep = None if self.size == 1 else NamedSharding(mesh, PartitionSpec())
+        self.multi_process = self.size > 1 and any(
+            d.process_index != jax.process_index() for d in mesh.devices.flat
+        )
 
     def chunk_size(self, batch_size: int, n: int) -> int:
         """``min(batch_size, n)`` rounded up to a multiple of 8 and of the device count: with
@@ -195,12 +206,29 @@ class _Sharder:
         q = math.lcm(8, self.size)
         return -(-min(batch_size, n) // q) * q
 
+    def _put(self, a, sharding):
+        if sharding is None:
+            return jnp.asarray(a)
+        if not self.multi_process:
+            return jax.device_put(a, sharding)
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
     def examples(self, a):
-        a = jnp.asarray(a)
-        return a if self.batch is None else jax.device_put(a, self.batch)
+        return self._put(a, self.batch)
 
     def replicated(self, a):
-        return a if self.rep is None else jax.device_put(a, self.rep)
+        return self._put(a, self.rep)
+
+    def key(self, key: jax.Array):
+        """A PRNG key as its raw bits (`_bind`'s functions wrap them again): key arrays
+        cannot be assembled from host data across processes."""
+        return self.replicated(jax.random.key_data(key))
+
+    def host(self, a) -> np.ndarray:
+        if getattr(a, "is_fully_addressable", True):
+            return np.asarray(a)
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
 
 def run_attack(
@@ -254,9 +282,9 @@ def run_attack(
     bs = sharder.chunk_size(batch_size, most)
     t0 = time.perf_counter()
     args = [sharder.examples(_pad(x[:1], bs)), sharder.examples(_pad(y[:1], bs)),
-            sharder.replicated(key)]  # fmt: skip
+            sharder.key(key)]  # fmt: skip
     if not spec.min_norm:
-        args.append(sharder.replicated(jnp.float32(eps_values[0])))
+        args.append(sharder.replicated(np.float32(eps_values[0])))
     compiled = jax.jit(run).lower(*args).compile()
     out = {"pred": {}, "seconds": {}, "examples": {}, "compile_s": time.perf_counter() - t0,
            "attacked": attacked, "dist": None}  # fmt: skip
@@ -268,7 +296,7 @@ def run_attack(
             sel = idx[a : a + bs]
             xc = sharder.examples(_pad(x[sel], bs))
             yc = sharder.examples(_pad(y[sel], bs))
-            yield sel, xc, yc, sharder.replicated(jax.random.fold_in(k_eps, ic))
+            yield sel, xc, yc, sharder.key(jax.random.fold_in(k_eps, ic))
 
     if spec.min_norm:
         union = np.zeros(n, bool)
@@ -281,11 +309,11 @@ def run_attack(
         dist = np.full(n, np.nan, np.float32)
         t0 = time.perf_counter()
         for sel, xc, yc, k in chunks(idx, jax.random.fold_in(key, 0)):
-            xa, pa, px, d = compiled(xc, yc, k)
+            xa, pa, px, d = map(sharder.host, compiled(xc, yc, k))
             m = len(sel)
-            x_adv_all[sel] = np.asarray(xa)[:m]
-            pred_adv[sel], pred_x[sel] = np.asarray(pa)[:m], np.asarray(px)[:m]
-            dist[sel] = np.asarray(d)[:m]
+            x_adv_all[sel] = xa[:m]
+            pred_adv[sel], pred_x[sel] = pa[:m], px[:m]
+            dist[sel] = d[:m]
         run_s = time.perf_counter() - t0
         out["dist"] = dist
         for eps in eps_values:
@@ -308,11 +336,11 @@ def run_attack(
         t0 = time.perf_counter()
         idx = np.flatnonzero(out["attacked"][eps])
         for sel, xc, yc, k in chunks(idx, jax.random.fold_in(key, ie)):
-            xa, pa = compiled(xc, yc, k, sharder.replicated(jnp.float32(eps)))
+            xa, pa = map(sharder.host, compiled(xc, yc, k, sharder.replicated(np.float32(eps))))
             m = len(sel)
-            xa = np.asarray(xa)[:m]
+            xa = xa[:m]
             check_threat_model(xa, x[sel], eps, norm, name=spec.name)
-            pred[sel] = np.asarray(pa)[:m]
+            pred[sel] = pa[:m]
             shown = sel < keep
             x_eps[sel[shown]] = xa[shown]
             bar.update(m)
@@ -342,9 +370,11 @@ def run_suite(
 
     ``mode="full"``: every attack on every example (the per-attack table).
     ``mode="cascade"`` (AutoAttack's rule): the attacks run in suite order, each at radius
-    ``eps`` only on the clean-correct examples every earlier attack failed on at ``eps``;
-    minimum-norm attacks (``spec.min_norm``) run once, on every clean-correct example, so
-    their distances (and `EvalResult.median_min_norm`) do not depend on the mode. The worst
+    ``eps`` only on the clean-correct examples every earlier attack failed on at ``eps``. A
+    minimum-norm attack (``spec.min_norm``) runs once for all radii: the suite's first one on
+    every clean-correct example, so every example gets a distance and
+    `EvalResult.median_min_norm` does not depend on the cascade; later ones on the examples
+    still unbroken at some radius (their distances are ``nan`` elsewhere). The worst
     case counts the same examples as robust in both modes up to the randomness of the attacks
     (an example's chunk, hence its random draws, differs when earlier attacks removed others).
 
@@ -385,7 +415,10 @@ def run_suite(
             continue
         if mode == "full":
             active = None
-        elif spec.min_norm:
+        elif spec.min_norm and not res.min_norm_dist:
+            # The first minimum-norm attack measures every example's distance (the median
+            # min-norm is a number of the model, not of the cascade); later ones, like any
+            # stage, only what is still unbroken at some radius.
             active = {e: res.clean_correct.copy() for e in eps_values}
         else:
             active = {e: m.copy() for e, m in remaining.items()}

@@ -103,7 +103,11 @@ def format_table(res: EvalResult) -> str:
             lines.append(f"  {a:<{w - 2}}{'':<15}{counts}")
     med = res.median_min_norm()
     if med is not None:
-        per = ", ".join(f"{a} {res.median_min_norm(a):.4g}" for a in res.min_norm_dist)
+        per = ", ".join(
+            f"{a} {m:.4g}" if (m := res.median_min_norm(a)) is not None
+            else f"{a} ran on {int((~np.isnan(d)).sum())} examples only"
+            for a, d in res.min_norm_dist.items()
+        )  # fmt: skip
         lines.append(
             f"median min-norm distance ({res.norm}, over clean-correct examples, inf where "
             f"none found): {med:.4g} (per attack: {per})"

@@ -97,9 +97,11 @@ class EvalResult:
         """Median over the clean-correct examples of the minimum-norm distance (of ``attack``,
         default the smallest over every minimum-norm attack); an example where nothing was
         found counts as ``inf`` (so the median is ``inf`` if that is most of them). ``nan``
-        without clean-correct examples, ``None`` without a minimum-norm attack."""
+        without clean-correct examples; ``None`` without a minimum-norm attack, or for an
+        ``attack`` that did not run on every clean-correct example (a late cascade stage: the
+        median of the hardest examples alone would not be the model's)."""
         d = self.min_distance() if attack is None else self.min_norm_dist[attack]
-        if d is None:
+        if d is None or np.isnan(d[self.clean_correct]).any():
             return None
         d = np.where(np.isnan(d), np.inf, d)[self.clean_correct]
         return float(np.median(d)) if len(d) else float("nan")

@@ -131,6 +131,12 @@ def test_check_threat_model_rejects_violations():
         projections.check_threat_model(jnp.clip(x + 0.2, 0, 1), x, 0.1, "linf")
     with pytest.raises(projections.AttackInvariantError, match="outside \\[0, 1\\]"):
         projections.check_threat_model(x.at[0, 0, 0, 0].set(-0.05), x, 1.0, "linf")
+    # No example (a cascade radius where nothing was left to attack) is valid, not an error.
+    none = np.zeros((0, 28, 28, 1), np.float32)
+    assert projections.threat_model_violations(none, none, 0.1, "l2") == dict(
+        ball=0, box=0, finite=0
+    )
+    projections.check_threat_model(none, none, 0.1, "linf")
 
 
 def test_pgd_is_deterministic_for_a_key_and_depends_on_it():
