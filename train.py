@@ -82,29 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N", help="keep the checkpoints of the last N epochs (older ones are deleted)",
     )  # fmt: skip
     add("--no-progress", action="store_true", help="no tqdm progress bars")
-    dist = parser.add_argument_group(
-        "multi-host", "one process per host, all with the same options and a shared --out "
-        "(docs/training.md)",
-    )  # fmt: skip
-    dist.add_argument(
-        "--distributed",
-        action="store_true",
-        help="call jax.distributed.initialize() before any JAX work; on SLURM / Open MPI / "
-        "Kubernetes the cluster comes from the environment, elsewhere give the three options "
-        "below (or JAX_COORDINATOR_ADDRESS)",
+    flags.add_distributed_flags(
+        parser, "all with the same options and a shared --out (docs/training.md)"
     )
-    dist.add_argument(
-        "--coordinator-address", metavar="HOST:PORT", default=None,
-        help="address of process 0's coordinator (implies --distributed)",
-    )  # fmt: skip
-    dist.add_argument(
-        "--num-processes", type=flags.checked(flags.integer, flags.at_least_one), default=None,
-        metavar="N", help="number of processes (implies --distributed)",
-    )  # fmt: skip
-    dist.add_argument(
-        "--process-id", type=flags.checked(flags.integer, flags.non_negative), default=None,
-        metavar="I", help="this process's id, 0 .. N-1 (implies --distributed)",
-    )  # fmt: skip
     exp = parser.add_argument_group(
         "experiments", "the write-up's six ReLU-vs-k-WTA experiments, trained then attacked"
     )
@@ -121,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--attack-budget",
         choices=sorted(BUDGETS),
-        default="default",
-        help="attack iterations / queries of the experiment's suite",
+        default="fast",
+        help="attack iterations / queries of the experiment's suite (full per-attack table; "
+        "fast: 10-step attacks; attack.py's cascade is the way to the strong worst case)",
     )
     exp.add_argument(
         "--attack-examples",
@@ -138,7 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-    args.distributed = _distributed_options(parser, args)
+    args.distributed = flags.distributed_options(parser, args)
     if args.list_experiments or args.experiment is not None:
         return _check_experiment_args(parser, args, argv)
 
@@ -155,19 +136,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(e))
     args.config = configs[0]
     return args
-
-
-def _distributed_options(parser, args) -> dict | None:
-    """The keywords of `jax.distributed.initialize` (None: a single process)."""
-    given = {k: getattr(args, k) for k in ("coordinator_address", "num_processes", "process_id")}
-    given = {k: v for k, v in given.items() if v is not None}
-    if not (args.distributed or given):
-        return None
-    if "process_id" in given and "num_processes" in given:
-        if given["process_id"] >= given["num_processes"]:
-            parser.error(f"--process-id {given['process_id']} must be < --num-processes "
-                         f"{given['num_processes']}")  # fmt: skip
-    return given
 
 
 def _explicit_options(parser: argparse.ArgumentParser, argv) -> set[str]:

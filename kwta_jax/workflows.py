@@ -530,8 +530,10 @@ def evaluate_run_dirs(
     ``preset="autoattack"``: `evaluation.autoattack_suite` instead of ``attack_names`` (its
     own budget; ``budget="quick"`` shrinks it for smoke runs). ``es_schedule``: replaces the
     budget's schedule of `es` (e.g. `kwta_jax.attacks.ES_SCHEDULE`, the literature's).
-    ``mesh``: devices that split each chunk (default: a `training.make_mesh` of the local
-    devices).
+    ``mesh``: devices that split each chunk (default: a `training.make_mesh` of every
+    device). Multi-host (after `initialize`): every process runs this with the same
+    arguments, the mesh spans all hosts' devices, each evaluates its share of every chunk,
+    and process 0 alone logs and writes the files.
 
     Raises:
       FileNotFoundError: no run under ``path`` (or a dataset that is not here).
@@ -539,15 +541,19 @@ def evaluate_run_dirs(
       ValueError: an unknown attack or budget.
     """
     log = log or _logger.info
+    primary = _is_primary()
+    if not primary:  # the other processes compute their share and stay quiet
+        log, progress = (lambda *_: None), None
     run_dirs = runs.find_run_dirs(path)
     suite = _evaluation_suite(attack_names, preset=preset, norm=norm, budget=budget,
                               es_schedule=es_schedule)  # fmt: skip
-    mesh = training.make_mesh(jax.local_devices()) if mesh is None else mesh
+    mesh = training.make_mesh() if mesh is None else mesh
     loaded = {run: runs.load_trained_model(run) for run in run_dirs}
     relu = [r for r, (_, c) in loaded.items() if str(c.get("act", "")).lower() == "relu"]
     source = loaded[relu[0]][0] if relu else None
     out = Path(out) if out is not None else Path(path) / "attack"
-    out.mkdir(parents=True, exist_ok=True)
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
 
     payload = {"path": str(path), "budget": budget, "seed": seed, "mode": mode,
                "preset": preset, "attacks": [s.name for s in suite], "devices": mesh.size,
@@ -565,7 +571,10 @@ def evaluate_run_dirs(
         )  # fmt: skip
         results.append(res)
         payload["runs"].append(res.to_dict())
-        reports.plot_examples(res, out / f"examples_{run.name}.png")
+        if primary:
+            reports.plot_examples(res, out / f"examples_{run.name}.png")
+    if not primary:
+        return payload
     reports.plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
     runs.write_json_atomic(out / "results.json", payload)  # never a truncated results.json
     reports.save_per_image(results, out / "results_per_image.npz")
@@ -586,7 +595,7 @@ def run_experiment(
     out,
     *,
     attacks: Sequence[str] = evaluation.DEFAULT_SUITE,
-    budget: str = "default",
+    budget: str = "fast",
     n_examples: int = 1000,
     batch_size: int = 250,
     resume: bool = False,
@@ -595,7 +604,8 @@ def run_experiment(
     log: Log | None = None,
     keep_checkpoints: int = 3,
 ) -> dict:
-    """Trains both models of ``experiment`` into ``out/<act>/``, attacks them, and writes
+    """Trains both models of ``experiment`` into ``out/<act>/``, attacks them (the full
+    per-attack table, at ``budget``: default "fast", 10-step attacks), and writes
     ``out/experiment.json``, ``out/table.md`` and ``out/accuracy_vs_eps.png``.
 
     Returns the report (see `kwta_jax.reports.build_report`).
@@ -657,7 +667,7 @@ def run_experiments(
     planned: Sequence[tuple[Experiment, str]],
     *,
     skip_unavailable: bool = False,
-    budget: str = "default",
+    budget: str = "fast",
     n_examples: int = 1000,
     resume: bool = False,
     overwrite: bool = False,

@@ -194,6 +194,26 @@ def test_square_is_deterministic_and_stops_on_success(toy):
         attacks.square(f, x, y, jax.random.key(0), eps=0.3, norm="l2")
 
 
+def test_square_restarts_keep_the_first_success_and_break_at_least_as_many(toy):
+    x, y = toy
+    f = masked_model()
+    key = jax.random.key(2)
+    run = functools.partial(attacks.square, f, x, y, eps=EPS, queries=2)
+    broken = lambda xa: np.asarray(jnp.argmax(f(xa), -1)) != np.asarray(y)
+    three = run(key, restarts=3)
+    singles = [run(jax.random.fold_in(key, r)) for r in range(3)]
+    hits = np.stack([broken(s) for s in singles])
+    np.testing.assert_array_equal(broken(three), hits.any(0))
+    assert hits.any(0).sum() > hits[0].sum()  # the later runs add examples
+    # Each example keeps the first run that broke it (else the last run's point).
+    first = np.where(hits.any(0), hits.argmax(0), 2)
+    want = np.stack([np.asarray(s) for s in singles])[first, np.arange(len(first))]
+    np.testing.assert_array_equal(np.asarray(three), want)
+    assert float(jnp.abs(three - x).max()) <= EPS + 1e-6
+    with pytest.raises(ValueError, match="restarts"):
+        run(key, restarts=0)
+
+
 def test_apgd_checkpoints_follow_the_paper_schedule():
     is_ck, window = attacks.apgd.__globals__["apgd_checkpoints"](100)
     where = np.flatnonzero(is_ck)

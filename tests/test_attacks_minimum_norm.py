@@ -229,6 +229,27 @@ def test_fmn_breaks_every_example_of_a_random_mlp_where_the_box_clips_its_steps(
     assert np.all(predictions(f, x_adv) != np.asarray(y))
 
 
+def test_fmn_with_several_initial_steps_keeps_each_examples_smallest_distance():
+    k1, k2 = jax.random.split(jax.random.key(3))
+    w1 = jax.random.normal(k1, (64, 64)) / 4.0
+    w2 = jax.random.normal(k2, (64, 10)) / 4.0
+    f = lambda x_: jax.nn.relu(x_.reshape(x_.shape[0], -1) @ w1) @ w2
+    x = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (64, 64)), jnp.float32)
+    y = jnp.argmax(f(x), -1)
+    alphas = (10.0, 1.0, 0.1)
+    singles = [attacks.fmn_min_norm(f, x, y, norm="linf", steps=30, alpha_init=a) for a in alphas]
+    x_adv, dist = attacks.fmn_min_norm(f, x, y, norm="linf", steps=30, alpha_init=alphas)
+    d = np.stack([np.asarray(s[1]) for s in singles])
+    np.testing.assert_array_equal(np.asarray(dist), d.min(0))
+    assert len({int(i) for i in d.argmin(0)}) > 1  # the runs differ: each wins somewhere
+    np.testing.assert_allclose(
+        np.abs(np.asarray(x_adv - x)).reshape(64, -1).max(-1), np.asarray(dist), rtol=1e-6
+    )
+    assert np.all(predictions(f, x_adv) != np.asarray(y))
+    with pytest.raises(ValueError, match="alpha_init"):
+        attacks.fmn_min_norm(f, x, y, alpha_init=())
+
+
 # --- threat model, determinism, jit ------------------------------------------------------------
 
 

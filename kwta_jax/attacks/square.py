@@ -43,16 +43,36 @@ def square(
     queries: int = 1000,
     p_init: float = 0.8,
     norm: str = "linf",
+    restarts: int = 1,
 ) -> jax.Array:
     """Square attack. ``x [B, H, W, C]`` float32 in [0, 1], ``y [B]`` -> ``x_adv`` like ``x``.
 
-    ``queries``: model evaluations per example (1 for the start, ``queries - 1`` proposals).
-    Only ``norm="linf"`` is implemented.
+    ``queries``: model evaluations per example and restart (1 for the start, ``queries - 1``
+    proposals). ``restarts``: independent runs (key ``fold_in(key, r)``; one run: ``key``
+    itself); an example keeps the first run's point that misclassifies it, else the last
+    run's. Only ``norm="linf"`` is implemented.
     """
     if norm != "linf":
         raise ValueError(f"square: only norm='linf' is implemented; got {norm!r}.")
+    if restarts < 1:
+        raise ValueError(f"square: restarts must be >= 1; got {restarts}.")
     chex.assert_rank(x, 4)
     chex.assert_equal_shape_prefix((x, y), 1)
+    if restarts == 1:
+        return _square_run(logits_fn, x, y, key, eps, queries, p_init)
+
+    def restart(r, best):
+        x_r = _square_run(logits_fn, x, y, jax.random.fold_in(key, r), eps, queries, p_init)
+        broken = jnp.argmax(logits_fn(best), -1) != y
+        return jnp.where(broken.reshape(-1, 1, 1, 1), best, x_r)
+
+    return lax.fori_loop(1, restarts, restart, _square_run(
+        logits_fn, x, y, jax.random.fold_in(key, 0), eps, queries, p_init))  # fmt: skip
+
+
+def _square_run(logits_fn, x, y, key, eps, queries, p_init) -> jax.Array:
+    """One Square run from a random vertical-stripes start."""
+    norm = "linf"
     b, h, w, c = x.shape
     k_init, k_loop = jax.random.split(key)
     stripes = eps * jax.random.rademacher(k_init, (b, 1, w, c), x.dtype)
