@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from kwta_jax import flags, runs, workflows
 from kwta_jax.attacks import ES_SCHEDULE
 from kwta_jax.checkpointing import CheckpointError
+from kwta_jax.config import ConfigError
 from kwta_jax.runs import RunDirError
 from kwta_jax.suites import (
     ATTACKS,
@@ -106,7 +107,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="output directory (default RUN_DIR/attack)")
     parser.add_argument("--no-diagnostics", action="store_true")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    flags.add_distributed_flags(
+        parser, "all with the same options: each evaluates its share of every chunk on its "
+        "devices, process 0 writes --out",
+    )  # fmt: skip
     args = parser.parse_args(argv)  # fmt: skip
+    args.distributed = flags.distributed_options(parser, args)
 
     if args.preset is not None and args.attacks is not None:
         parser.error("--preset and --attacks are exclusive: the preset fixes the attacks")
@@ -135,6 +141,7 @@ def main(argv=None) -> int:
     try:
         # Before loading anything: the results must be writable (default: RUN_DIR/attack).
         runs.check_writable(args.out if args.out is not None else Path(args.run_dir) / "attack")
+        workflows.initialize(args.distributed)
         workflows.evaluate_run_dirs(
             args.run_dir, attack_names=args.attacks, eps_values=args.eps, norm=args.norm,
             n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
             log=tqdm.write, mode=args.mode, preset=args.preset,
             es_schedule=ES_SCHEDULE if args.es_full else None,
         )  # fmt: skip
-    except (CheckpointError, RunDirError, OSError) as e:
+    except (CheckpointError, RunDirError, ConfigError, OSError) as e:
         # No run there, a run that cannot be loaded, its dataset is not here, or an output
         # directory that cannot be written (read-only, full): one line, no traceback.
         # results.json is replaced atomically, so an older one survives a failed write.

@@ -25,9 +25,11 @@ from typing import Any
 __all__ = [
     "Check",
     "DefaultsHelpFormatter",
+    "add_distributed_flags",
     "add_flags",
     "at_least_one",
     "checked",
+    "distributed_options",
     "field_errors",
     "flag_names",
     "from_flags",
@@ -232,3 +234,49 @@ def from_flags(cls, namespace: argparse.Namespace, **changes):
         if getattr(namespace, name) is not None
     }
     return cls(**{**values, **changes})
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-host flags, shared by train.py and attack.py.
+# --------------------------------------------------------------------------------------------
+
+_DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--distributed``, ``--coordinator-address``, ``--num-processes``, ``--process-id``
+    in a "multi-host" group; ``what`` says what every process must share."""
+    dist = parser.add_argument_group("multi-host", f"one process per host, {what}")
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() before any JAX work; on SLURM / Open MPI / "
+        "Kubernetes the cluster comes from the environment, elsewhere give the three options "
+        "below (or JAX_COORDINATOR_ADDRESS)",
+    )
+    dist.add_argument(
+        "--coordinator-address", metavar="HOST:PORT", default=None,
+        help="address of process 0's coordinator (implies --distributed)",
+    )  # fmt: skip
+    dist.add_argument(
+        "--num-processes", type=checked(integer, at_least_one), default=None,
+        metavar="N", help="number of processes (implies --distributed)",
+    )  # fmt: skip
+    dist.add_argument(
+        "--process-id", type=checked(integer, non_negative), default=None,
+        metavar="I", help="this process's id, 0 .. N-1 (implies --distributed)",
+    )  # fmt: skip
+
+
+def distributed_options(parser: argparse.ArgumentParser, args) -> dict | None:
+    """The keywords of `jax.distributed.initialize` the flags of `add_distributed_flags`
+    give (``None``: a single process; ``{}``: the cluster of the environment)."""
+    given = {k: getattr(args, k) for k in _DISTRIBUTED}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not (args.distributed or given):
+        return None
+    if "process_id" in given and "num_processes" in given:
+        if given["process_id"] >= given["num_processes"]:
+            parser.error(f"--process-id {given['process_id']} must be < --num-processes "
+                         f"{given['num_processes']}")  # fmt: skip
+    return given

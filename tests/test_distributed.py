@@ -104,13 +104,14 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2] and history[0] == two_m
 
 
-def _start_two(out: Path, *extra: str) -> list[subprocess.Popen]:
-    """``train.py`` as processes 0 and 1 of a 2-process cluster on localhost."""
+def _start_two(out: Path, *extra: str, command=("train.py", *_TRAIN)) -> list[subprocess.Popen]:
+    """``command`` (default ``train.py``) as processes 0 and 1 of a 2-process cluster on
+    localhost."""
     dist = ["--out", str(out), "--coordinator-address", f"127.0.0.1:{_free_port()}",
             "--num-processes", "2"]  # fmt: skip
     return [
         subprocess.Popen(
-            [sys.executable, "train.py", *_TRAIN, *dist, *extra, "--process-id", str(i)],
+            [sys.executable, *command, *dist, *extra, "--process-id", str(i)],
             cwd=REPO,
             env=_env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"),
             stdout=subprocess.PIPE,
@@ -149,3 +150,37 @@ def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path):
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")]
     assert "--distributed" in line and "--coordinator-address" in line
     assert not out.exists()
+
+
+_ATTACK = ["--attacks", "fgsm", "pgd", "fmn", "--quick", "--n-examples", "44", "--eps", "0.1",
+           "0.3", "--batch-size", "16", "--no-diagnostics", "--no-progress"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_like_one_process_with_two_devices(tmp_path):
+    trained = subprocess.run(
+        [sys.executable, "train.py", *_TRAIN, "--out", str(tmp_path / "run")], cwd=REPO,
+        env=_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = str(tmp_path / "run")
+    outputs = _finish(_start_two(tmp_path / "two", command=("attack.py", run, *_ATTACK)))
+    one = subprocess.run(
+        [sys.executable, "attack.py", run, *_ATTACK, "--out", str(tmp_path / "one")], cwd=REPO,
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), capture_output=True,
+        text=True, timeout=240,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    # Process 0 reports; process 1 computes its share and says nothing.
+    assert "worst case" in outputs[0][0] and "worst case" not in outputs[1][0]
+    two_json = json.loads((tmp_path / "two" / "results.json").read_text())
+    one_json = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert two_json["devices"] == one_json["devices"] == 2
+    # Chunks, keys and random draws are those of one process with two devices: equal results.
+    with np.load(tmp_path / "two" / "results_per_image.npz") as a:
+        with np.load(tmp_path / "one" / "results_per_image.npz") as b:
+            assert sorted(a) == sorted(b) and any("/robust/pgd/" in k for k in a)
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    worst = [r["worst_case_accuracy"] for r in two_json["runs"]]
+    assert worst == [r["worst_case_accuracy"] for r in one_json["runs"]]
