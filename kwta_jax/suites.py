@@ -57,7 +57,7 @@ BUDGETS: dict[str, dict] = {
                  fmn_step_scales=(1.0,), square_restarts=1, apgd_t_restarts=1),
     "default": dict(pgd_steps=10, apgd_steps=100, restarts=5, square_queries=2000,
                     eot_samples=4, eot_steps=10, fd_samples=8, fd_steps=10, deepfool_steps=10,
-                    cw_steps=30, fmn_steps=100, fab_steps=20, n_target_classes=9,
+                    cw_steps=30, fmn_steps=200, fab_steps=20, n_target_classes=9,
                     es_schedule=((10, 10),), fmn_step_scales=(1.0, 0.3, 0.1),
                     square_restarts=1, apgd_t_restarts=1),
     "strong": dict(pgd_steps=100, apgd_steps=100, restarts=5, square_queries=5000,

@@ -215,27 +215,28 @@ def test_apgd_t_is_at_least_as_strong_as_apgd_ce_on_a_random_mlp():
     assert acc_t <= acc_ce
 
 
-def test_fmn_breaks_every_example_of_a_random_mlp_where_the_box_clips_its_steps():
-    # Inputs anywhere in [0, 1]: the box clips the L2 steps, and the paper's pre-success radius
-    # rule (the linear estimate alone) stalls on an example of this batch.
-    k1, k2 = jax.random.split(jax.random.key(1))
+def random_mlp_problem(model_seed: int, data_seed: int, n: int):
+    """A random 64-64-10 ReLU MLP, ``n`` inputs ``[n, 64]`` anywhere in [0, 1] and its own
+    predictions as labels."""
+    k1, k2 = jax.random.split(jax.random.key(model_seed))
     w1 = jax.random.normal(k1, (64, 64)) / 4.0
     w2 = jax.random.normal(k2, (64, 10)) / 4.0
     f = lambda x_: jax.nn.relu(x_.reshape(x_.shape[0], -1) @ w1) @ w2
-    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (128, 64)), jnp.float32)
-    y = jnp.argmax(f(x), -1)
+    x = jnp.asarray(np.random.default_rng(data_seed).uniform(0, 1, (n, 64)), jnp.float32)
+    return f, x, jnp.argmax(f(x), -1)
+
+
+def test_fmn_breaks_every_example_of_a_random_mlp_where_the_box_clips_its_steps():
+    # Inputs anywhere in [0, 1]: the box clips the L2 steps, and the paper's pre-success radius
+    # rule (the linear estimate alone) stalls on an example of this batch.
+    f, x, y = random_mlp_problem(1, 0, 128)
     x_adv, dist = attacks.fmn_min_norm(f, x, y, norm="l2")
     assert np.all(np.isfinite(np.asarray(dist)))
     assert np.all(predictions(f, x_adv) != np.asarray(y))
 
 
 def test_fmn_with_several_initial_steps_keeps_each_examples_smallest_distance():
-    k1, k2 = jax.random.split(jax.random.key(3))
-    w1 = jax.random.normal(k1, (64, 64)) / 4.0
-    w2 = jax.random.normal(k2, (64, 10)) / 4.0
-    f = lambda x_: jax.nn.relu(x_.reshape(x_.shape[0], -1) @ w1) @ w2
-    x = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (64, 64)), jnp.float32)
-    y = jnp.argmax(f(x), -1)
+    f, x, y = random_mlp_problem(3, 1, 64)
     alphas = (10.0, 1.0, 0.1)
     singles = [attacks.fmn_min_norm(f, x, y, norm="linf", steps=30, alpha_init=a) for a in alphas]
     x_adv, dist = attacks.fmn_min_norm(f, x, y, norm="linf", steps=30, alpha_init=alphas)
