@@ -93,7 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--budget",
         choices=sorted(BUDGETS),
         default="default",
-        help="iterations / queries / samples of every attack",
+        help="iterations / queries / samples of every attack: default (sized for the "
+        "cascade: within ~2 points of strong in ~2 minutes on the default models), strong "
+        "(paper-grade), fast (10-step attacks, for --mode full), quick (smoke runs)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: --budget quick and at most 200 examples"
