@@ -148,8 +148,12 @@ def plot_accuracy_vs_eps(results: Sequence[EvalResult], path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
         eps = res.eps_values
-        for a in res.pred:
-            ax.plot(eps, [100 * res.accuracy(a, e) for e in eps], marker="o", label=a)
+        # tab20 and a marker per attack: a suite has more attacks than the default 10
+        # colours, and two attacks must not look alike.
+        colours = plt.get_cmap("tab20").colors
+        for i, a in enumerate(res.pred):
+            ax.plot(eps, [100 * res.accuracy(a, e) for e in eps], label=a,
+                    color=colours[i % len(colours)], marker="os^vD<>ph*"[i % 10])  # fmt: skip
         ax.plot(eps, [100 * res.worst_accuracy(e) for e in eps], "k--", lw=2.5,
                 marker="s", label="worst case")  # fmt: skip
         ax.set_title(f"{res.name} (clean {100 * res.clean_correct.mean():.1f}%)")
