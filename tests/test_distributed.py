@@ -138,16 +138,18 @@ def _finish(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
     return outputs
 
 
-def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path):
+@pytest.mark.parametrize("script", ["train.py", "attack.py"])
+def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path, script):
     env = {k: v for k, v in _env().items() if not k.startswith(("SLURM_", "OMPI_", "JAX_COORD"))}
     out = tmp_path / "runs"
+    args = _TRAIN if script == "train.py" else [str(tmp_path / "no-run"), "--quick"]
     proc = subprocess.run(
-        [sys.executable, "train.py", *_TRAIN, "--distributed", "--out", str(out)], cwd=REPO,
+        [sys.executable, script, *args, "--distributed", "--out", str(out)], cwd=REPO,
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith(f"{script}: error:")]
     assert "--distributed" in line and "--coordinator-address" in line
     assert not out.exists()
 
