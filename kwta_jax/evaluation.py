@@ -35,6 +35,7 @@ from kwta_jax.attacks.projections import check_norm, check_threat_model
 from kwta_jax.layers import iter_kwta_layers, set_kwta_backward
 from kwta_jax.progress import MakeBar, open_bar
 from kwta_jax.results import EvalResult  # run_suite's result, importable from here too
+from kwta_jax.sharding import make_mesh, put_global
 from kwta_jax.suites import (  # the suites' names stay importable from here
     ATTACKS,
     BUDGETS,
@@ -152,16 +153,14 @@ def _bind(spec: AttackSpec, models: Models) -> Callable | None:
 
     if spec.min_norm:
 
-        def run_min_norm(x, y, key_data):
-            key = jax.random.wrap_key_data(key_data)
+        def run_min_norm(x, y, key):
             x_adv, dist = spec.fn(models.logits_fn, x, y, key, **extra)
             pred = jnp.argmax(models.logits_fn(x_adv), -1)
             return x_adv, pred, jnp.argmax(models.logits_fn(x), -1), dist
 
         return run_min_norm
 
-    def run(x, y, key_data, eps):
-        key = jax.random.wrap_key_data(key_data)
+    def run(x, y, key, eps):
         x_adv = spec.fn(models.logits_fn, x, y, key, eps=eps, **extra)
         return x_adv, jnp.argmax(models.logits_fn(x_adv), -1)
 
@@ -178,9 +177,9 @@ def skip_reason(spec: AttackSpec, models: Models) -> str | None:
 
 
 def local_mesh() -> Mesh:
-    """A 1-D mesh with axis ``"batch"`` over this host's devices: the convention of
-    `kwta_jax.training.make_mesh`, which `kwta_jax.workflows` passes in."""
-    return Mesh(np.asarray(jax.local_devices()), ("batch",))
+    """`kwta_jax.sharding.make_mesh` over this host's devices (`kwta_jax.workflows` passes
+    in the mesh of every host's devices)."""
+    return make_mesh(jax.local_devices())
 
 
 class _Sharder:
@@ -196,9 +195,6 @@ class _Sharder:
         self.size = 1 if mesh is None else mesh.size
         self.batch = None if self.size == 1 else NamedSharding(mesh, PartitionSpec("batch"))
         self.rep = None if self.size == 1 else NamedSharding(mesh, PartitionSpec())
-        self.multi_process = self.size > 1 and any(
-            d.process_index != jax.process_index() for d in mesh.devices.flat
-        )
 
     def chunk_size(self, batch_size: int, n: int) -> int:
         """``min(batch_size, n)`` rounded up to a multiple of 8 and of the device count: with
@@ -206,24 +202,11 @@ class _Sharder:
         q = math.lcm(8, self.size)
         return -(-min(batch_size, n) // q) * q
 
-    def _put(self, a, sharding):
-        if sharding is None:
-            return jnp.asarray(a)
-        if not self.multi_process:
-            return jax.device_put(a, sharding)
-        a = np.asarray(a)
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
     def examples(self, a):
-        return self._put(a, self.batch)
+        return jnp.asarray(a) if self.batch is None else put_global(a, self.batch)
 
     def replicated(self, a):
-        return self._put(a, self.rep)
-
-    def key(self, key: jax.Array):
-        """A PRNG key as its raw bits (`_bind`'s functions wrap them again): key arrays
-        cannot be assembled from host data across processes."""
-        return self.replicated(jax.random.key_data(key))
+        return a if self.rep is None else put_global(a, self.rep)
 
     def host(self, a) -> np.ndarray:
         if getattr(a, "is_fully_addressable", True):
@@ -282,7 +265,7 @@ def run_attack(
     bs = sharder.chunk_size(batch_size, most)
     t0 = time.perf_counter()
     args = [sharder.examples(_pad(x[:1], bs)), sharder.examples(_pad(y[:1], bs)),
-            sharder.key(key)]  # fmt: skip
+            sharder.replicated(key)]  # fmt: skip
     if not spec.min_norm:
         args.append(sharder.replicated(np.float32(eps_values[0])))
     compiled = jax.jit(run).lower(*args).compile()
@@ -296,7 +279,7 @@ def run_attack(
             sel = idx[a : a + bs]
             xc = sharder.examples(_pad(x[sel], bs))
             yc = sharder.examples(_pad(y[sel], bs))
-            yield sel, xc, yc, sharder.key(jax.random.fold_in(k_eps, ic))
+            yield sel, xc, yc, sharder.replicated(jax.random.fold_in(k_eps, ic))
 
     if spec.min_norm:
         union = np.zeros(n, bool)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,7 @@ from kwta_jax.config import OPTIMIZERS, ConfigError, TrainConfig
 from kwta_jax.layers import iter_kwta_layers, set_kwta_ratio
 from kwta_jax.models import ModelSpec, build_model, split_model
 from kwta_jax.progress import Bar, MakeBar, open_bar
+from kwta_jax.sharding import make_mesh, put_global
 
 __all__ = [
     "OPTIMIZERS",
@@ -57,9 +58,7 @@ __all__ = [
     "evaluate_dataset",
     "init_train_state",
     "initialize_distributed",
-    "make_mesh",
     "model_spec",
-    "replicate",
     "time_train_step",
     "train_epochs",
     "train_step",
@@ -230,12 +229,6 @@ def initialize_distributed(**kwargs) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis ``"batch"`` over ``devices`` (default: all devices)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), ("batch",))
-
-
 def check_mesh_fits(batch_size: int, mesh: Mesh) -> None:
     """Raises `kwta_jax.config.ConfigError` (a ValueError) unless ``batch_size`` splits
     evenly over the ``mesh`` devices."""
@@ -256,22 +249,6 @@ def _put_batch(batch: data_lib.Batch, sharding: NamedSharding) -> dict[str, jax.
         return jax.make_array_from_process_local_data(sharding, a[p * per : (p + 1) * per], a.shape)
 
     return {"image": put(batch.images), "label": put(batch.labels), "weight": put(batch.weights)}
-
-
-def replicate(tree, sharding: NamedSharding):
-    """``tree`` (the same values on every process) as global arrays replicated over
-    ``sharding``'s mesh; `jax.device_put` itself only reaches this process's devices."""
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
-
-    def put(x):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = put(jax.random.key_data(x))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        host = np.asarray(jax.device_get(x))
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(put, tree)
 
 
 class StepFns:
@@ -380,7 +357,7 @@ def train_epochs(
     """
     has_kwta = any(True for _ in iter_kwta_layers(model))
     n_batches = data_lib.num_batches(len(dataset.train_labels), config.batch_size)
-    state = replicate(state, NamedSharding(mesh, P()))
+    state = put_global(state, NamedSharding(mesh, P()))
     step_fns: dict[float, StepFns] = {}  # one compilation per k-WTA ratio
     for epoch in range(start_epoch, config.epochs):
         ratio = anneal_ratio(config, epoch)

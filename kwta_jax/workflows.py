@@ -36,7 +36,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from kwta_jax import attacks, data, diagnostics, evaluation, reports, runs, training
+from kwta_jax import attacks, data, diagnostics, evaluation, reports, runs, sharding, training
 from kwta_jax.checkpointing import Checkpointer
 from kwta_jax.config import ConfigError, TrainConfig
 from kwta_jax.experiments import Experiment
@@ -203,7 +203,7 @@ def train_and_evaluate(
       dataset: a loaded dataset (default: `load_training_data` of the config).
       perturb_fn: adversarial-training perturbation; default: PGD from ``config.adv_*`` when
         ``config.adv_eps > 0`` (`make_pgd_perturb`), else none.
-      mesh: device mesh (default: all devices, `kwta_jax.training.make_mesh`).
+      mesh: device mesh (default: all devices, `kwta_jax.sharding.make_mesh`).
       progress: a bar factory for each epoch (`kwta_jax.progress`; ``None``: no bars).
       log: one-line messages (default: this module's logger).
       stop_after_epochs: stop (as if killed) after this many epochs of this call (tests).
@@ -228,7 +228,7 @@ def train_and_evaluate(
     mode = runs.check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
     if mode == "resume":
         runs.check_resumable(run_dir)
-    mesh = mesh or training.make_mesh()
+    mesh = mesh or sharding.make_mesh()
     dataset = load_training_data(config) if dataset is None else dataset
     check_batch_fits(config, dataset, mesh)
     _sync(f"checked {run_dir}")
@@ -360,7 +360,7 @@ def run_comparison(
             runs.check_resumable(out / act)
     if resume and all(m == "new" for m in modes.values()):
         log(f"--resume: {out} holds no run ({', '.join(acts)}); training from scratch.")
-    mesh = training.make_mesh()
+    mesh = sharding.make_mesh()
     dataset = load_training_data(config)
     check_batch_fits(config, dataset, mesh)
     log(f"{dataset!r} on {jax.device_count()} {jax.default_backend()} device(s)")
@@ -530,7 +530,7 @@ def evaluate_run_dirs(
     ``preset="autoattack"``: `evaluation.autoattack_suite` instead of ``attack_names`` (its
     own budget; ``budget="quick"`` shrinks it for smoke runs). ``es_schedule``: replaces the
     budget's schedule of `es` (e.g. `kwta_jax.attacks.ES_SCHEDULE`, the literature's).
-    ``mesh``: devices that split each chunk (default: a `training.make_mesh` of every
+    ``mesh``: devices that split each chunk (default: a `sharding.make_mesh` of every
     device). Multi-host (after `initialize`): every process runs this with the same
     arguments, the mesh spans all hosts' devices, each evaluates its share of every chunk,
     and process 0 alone logs and writes the files.
@@ -547,7 +547,7 @@ def evaluate_run_dirs(
     run_dirs = runs.find_run_dirs(path)
     suite = _evaluation_suite(attack_names, preset=preset, norm=norm, budget=budget,
                               es_schedule=es_schedule)  # fmt: skip
-    mesh = training.make_mesh() if mesh is None else mesh
+    mesh = sharding.make_mesh() if mesh is None else mesh
     loaded = {run: runs.load_trained_model(run) for run in run_dirs}
     relu = [r for r, (_, c) in loaded.items() if str(c.get("act", "")).lower() == "relu"]
     source = loaded[relu[0]][0] if relu else None

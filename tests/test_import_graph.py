@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "kwta_jax.progress": 0,
     "kwta_jax.checkpointing": 0,
     "kwta_jax.data": 0,
+    "kwta_jax.sharding": 0,
     # 1: the op layer (rank keys, selection, kernels, ops, layers, attacks, benchmark).
     "kwta_jax.models": 2,
     "kwta_jax.suites": 2,

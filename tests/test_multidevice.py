@@ -21,7 +21,8 @@ import json, sys
 import jax
 import numpy as np
 from kwta_jax import data
-from kwta_jax.training import TrainConfig, _put_batch, make_mesh
+from kwta_jax.sharding import make_mesh
+from kwta_jax.training import TrainConfig, _put_batch
 from kwta_jax.workflows import train_and_evaluate
 
 assert jax.device_count() == 2, jax.devices()
