@@ -9,7 +9,7 @@ Prints per-attack robust accuracy (cascade mode: after each stage), the per-exam
 over all attacks, the attack that broke each example first, the median minimum-norm distance,
 throughput and gradient-masking diagnostics; writes results.json, results_per_image.npz and
 PNGs to --out (default RUN_DIR/attack).
-This file parses the options and makes one call, kwta_jax.workflows.evaluate_run_dirs; it owns
+This file parses the options and makes one call, kwta_jax.attack_workflow.evaluate_run_dirs; it owns
 the progress bars.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kwta_jax import flags, runs, workflows
+from kwta_jax import attack_workflow, flags, multihost, runs
 from kwta_jax.attacks import ES_SCHEDULE
 from kwta_jax.checkpointing import CheckpointError
 from kwta_jax.config import ConfigError
@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--preset",
-        choices=list(workflows.PRESETS),
+        choices=list(attack_workflow.PRESETS),
         default=None,
         help="autoattack: AutoAttack 'standard' (APGD-CE, APGD-T 9 targets, FAB-T 9 targets, "
         "Square 5,000 queries; 100 iterations, 1 restart; Square dropped for l2) instead of "
@@ -143,8 +143,8 @@ def main(argv=None) -> int:
     try:
         # Before loading anything: the results must be writable (default: RUN_DIR/attack).
         runs.check_writable(args.out if args.out is not None else Path(args.run_dir) / "attack")
-        workflows.initialize(args.distributed)
-        workflows.evaluate_run_dirs(
+        multihost.initialize(args.distributed)
+        attack_workflow.evaluate_run_dirs(
             args.run_dir, attack_names=args.attacks, eps_values=args.eps, norm=args.norm,
             n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
             budget=args.budget, surrogate=args.bpda_surrogate, out=args.out,

@@ -13,8 +13,9 @@ of the last --keep-checkpoints epochs, curves.png); OUT/summary.json holds the c
 printed at the end. A killed run continues with --resume. With --experiment, a preset of
 kwta_jax.experiments trains both models and then runs the attack suite (OUT defaults to
 runs/experiments/NAME). This file parses the options into TrainConfig (whose fields declare
-the training flags) and makes one call into kwta_jax.workflows, which checks the run
-directories and the data before any training; it owns the progress bars.
+the training flags) and makes one call into kwta_jax.train_workflow (or
+kwta_jax.experiment_workflow), which checks the run directories and the data before any
+training; it owns the progress bars.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import threading
 
 from tqdm.auto import tqdm
 
-from kwta_jax import flags, workflows
+from kwta_jax import experiment_workflow, flags, train_workflow
 from kwta_jax.checkpointing import CheckpointError
 from kwta_jax.config import ConfigError, TrainConfig
 from kwta_jax.data import DatasetUnavailableError
@@ -40,7 +41,7 @@ from kwta_jax.experiments import (
 )
 from kwta_jax.runs import RunDirError
 from kwta_jax.suites import BUDGETS
-from kwta_jax.workflows import DEFAULT_FGSM_EPS
+from kwta_jax.train_workflow import DEFAULT_FGSM_EPS
 
 DEFAULTS = TrainConfig()
 
@@ -236,10 +237,10 @@ def _run(args, argv, ctrl_c: _CtrlC) -> int:
                   log=ctrl_c.log)  # fmt: skip
     try:
         if args.experiment is None:
-            workflows.compare_activations(args.config, args.out, acts=args.act,
+            train_workflow.compare_activations(args.config, args.out, acts=args.act,
                                           eps_values=args.eps, **common)  # fmt: skip
             return 0
-        ran, skipped = workflows.run_experiments(
+        ran, skipped = experiment_workflow.run_experiments(
             args.experiments, skip_unavailable=args.experiment == "all",
             budget=args.attack_budget, n_examples=args.attack_examples, warn=_warn, **common,
         )  # fmt: skip

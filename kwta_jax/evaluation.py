@@ -3,7 +3,7 @@ at several radii, giving per-attack accuracy, the per-example worst case and thr
 
 `run_suite` (RobustBench's ``benchmark(model, ...)``, AutoAttack's ``run_standard_evaluation``)
 takes `Models` (pure ``x -> logits`` functions) and arrays; it knows nothing of checkpoints,
-run directories or datasets (`kwta_jax.workflows.evaluate_run_dirs` composes those), and
+run directories or datasets (`kwta_jax.attack_workflow.evaluate_run_dirs` composes those), and
 reports are written by `kwta_jax.reports`.
 
 Robust accuracy of an attack at ``eps`` is the share of examples that are classified
@@ -177,7 +177,7 @@ def skip_reason(spec: AttackSpec, models: Models) -> str | None:
 
 
 def local_mesh() -> Mesh:
-    """`kwta_jax.sharding.make_mesh` over this host's devices (`kwta_jax.workflows` passes
+    """`kwta_jax.sharding.make_mesh` over this host's devices (`kwta_jax.attack_workflow` passes
     in the mesh of every host's devices)."""
     return make_mesh(jax.local_devices())
 

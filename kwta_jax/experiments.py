@@ -15,10 +15,11 @@ seed-6 MNIST, FGSM eps 0.1 / 0.15 / 0.2                               see `EXPER
 ====== ============================================================== ========================
 
 This module holds the presets only (data: a `TrainConfig` per experiment and the write-up's
-numbers). `kwta_jax.workflows.run_experiment` trains both models of a preset, runs the attack
-suite on both, and writes the write-up's table (`kwta_jax.reports.build_report`: clean / FGSM
-rows, ReLU / k-WTA columns, the write-up's own numbers beside ours) extended with PGD, the
-strongest adaptive attack, the per-example worst case and the gradient-masking flags.
+numbers). `kwta_jax.experiment_workflow.run_experiment` trains both models of a preset, runs
+the attack suite on both, and writes the write-up's table (`kwta_jax.reports.build_report`:
+clean / FGSM rows, ReLU / k-WTA columns, the write-up's own numbers beside ours) extended with
+PGD, the strongest adaptive attack, the per-example worst case and the gradient-masking
+flags.
 """
 
 from __future__ import annotations

@@ -294,7 +294,7 @@ def _eps_key(eps: float) -> str:
 
 def build_report(experiment: Experiment, attack_payload: dict) -> dict:
     """The write-up-format table of one experiment from the payload of
-    `kwta_jax.workflows.evaluate_run_dirs`.
+    `kwta_jax.attack_workflow.evaluate_run_dirs`.
 
     Every accuracy comes from the attack evaluation (the same test examples for every row).
     Returns a JSON-serialisable dict with ``rows`` (label, metric, eps, write-up pair, our

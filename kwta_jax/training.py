@@ -21,7 +21,7 @@ Design (flax-examples style, functional core):
   batch.
 * The loop (`train_epochs`) yields after every epoch and writes nothing: run directories,
   checkpoints, datasets and the adversarial perturbation (a ``perturb_fn`` it receives) are
-  composed around it by `kwta_jax.workflows.train_and_evaluate`.
+  composed around it by `kwta_jax.train_workflow.train_and_evaluate`.
 """
 
 from __future__ import annotations

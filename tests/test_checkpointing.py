@@ -23,8 +23,8 @@ from kwta_jax.checkpointing import (
     unflatten_tree,
 )
 from kwta_jax.runs import load_trained_model
+from kwta_jax.train_workflow import train_and_evaluate
 from kwta_jax.training import TrainConfig
-from kwta_jax.workflows import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def test_resume_is_bit_identical_and_survives_a_corrupt_latest_step(tmp_path, ti
 _KILL_SCRIPT = """
 import sys
 from kwta_jax.training import TrainConfig
-from kwta_jax.workflows import train_and_evaluate
+from kwta_jax.train_workflow import train_and_evaluate
 cfg = TrainConfig(act="kwta", epochs=5, batch_size=32, max_train=384, max_test=32)
 train_and_evaluate(cfg, sys.argv[1], resume=True, progress=False)
 """

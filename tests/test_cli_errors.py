@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 import attack  # noqa: E402
 import train  # noqa: E402
-from kwta_jax import workflows  # noqa: E402
+from kwta_jax import train_workflow  # noqa: E402
 from kwta_jax.config import ConfigError, TrainConfig  # noqa: E402
 
 SMALL = ["--max-train", "256", "--max-test", "128", "--batch-size", "64", "--eps", "0.1",
@@ -115,7 +115,7 @@ def test_resume_without_a_run_is_reported(tmp_path):
     lines = []
     cfg = TrainConfig(epochs=1, batch_size=512, max_train=256, max_test=64)
     with pytest.raises(ConfigError):
-        workflows.run_comparison(cfg, tmp_path / "none", resume=True, log=lines.append)
+        train_workflow.run_comparison(cfg, tmp_path / "none", resume=True, log=lines.append)
     assert any("holds no run" in line and "from scratch" in line for line in lines)
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kwta_jax import experiments, workflows
+from kwta_jax import experiment_workflow, experiments
 
 
 @pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
@@ -35,7 +35,7 @@ def test_overrides_keep_unset_fields():
 def test_experiment_6_end_to_end_at_reduced_size(tmp_path):
     exp = experiments.get_experiment("seed-6").with_overrides(epochs=1, max_train=300)
     attacks = ("fgsm", "pgd", "bpda", "transfer")
-    report = workflows.run_experiment(
+    report = experiment_workflow.run_experiment(
         exp, tmp_path, attacks=attacks, budget="quick", n_examples=64, progress=False,
         log=lambda _: None,
     )  # fmt: skip

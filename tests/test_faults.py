@@ -45,15 +45,15 @@ async_path.rename = rename
 """
 
 _KILL_IN_KWTA_EVALUATION = r"""
-from kwta_jax import workflows
-_fgsm = workflows.fgsm_comparison
+from kwta_jax import train_workflow
+_fgsm = train_workflow.fgsm_comparison
 calls = []
 def fgsm_comparison(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:  # the k-WTA model's evaluation, after both runs trained
         os.kill(os.getpid(), signal.SIGKILL)
     return _fgsm(*args, **kwargs)
-workflows.fgsm_comparison = fgsm_comparison
+train_workflow.fgsm_comparison = fgsm_comparison
 """
 
 _KILL_AT_RESULTS_RENAME = r"""

@@ -44,9 +44,12 @@ LAYERS: dict[str, int] = {
     "kwta_jax.diagnostics": 5,
     "kwta_jax.gpu_check": 5,
     "kwta_jax.reports": 6,
-    "kwta_jax.workflows": 7,
-    "train": 8,
-    "attack": 8,
+    "kwta_jax.multihost": 5,
+    "kwta_jax.train_workflow": 7,
+    "kwta_jax.attack_workflow": 7,
+    "kwta_jax.experiment_workflow": 8,
+    "train": 9,
+    "attack": 9,
 }
 OP_LAYER = 1
 OP_MODULES = ("kwta_jax", "kwta_jax.rank_keys", "kwta_jax.selection", "kwta_jax.ops",

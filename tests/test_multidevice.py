@@ -23,7 +23,7 @@ import numpy as np
 from kwta_jax import data
 from kwta_jax.sharding import make_mesh
 from kwta_jax.training import TrainConfig, _put_batch
-from kwta_jax.workflows import train_and_evaluate
+from kwta_jax.train_workflow import train_and_evaluate
 
 assert jax.device_count() == 2, jax.devices()
 ds = data.load_dataset("mnist5k", max_train=256, max_test=96)

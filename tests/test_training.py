@@ -16,17 +16,13 @@ import pytest
 from flax import nnx
 
 from kwta_jax import data
+from kwta_jax.experiment_workflow import plan_experiments
 from kwta_jax.layers import KWTA, iter_kwta_layers
 from kwta_jax.models import build_model_from_config, split_model
 from kwta_jax.reports import format_comparison
 from kwta_jax.runs import RunDirError, check_run_dir, load_trained_model, read_config
+from kwta_jax.train_workflow import make_pgd_perturb, run_comparison, train_and_evaluate
 from kwta_jax.training import TrainConfig, TrainState, anneal_ratio, create_optimizer, train_step
-from kwta_jax.workflows import (
-    make_pgd_perturb,
-    plan_experiments,
-    run_comparison,
-    train_and_evaluate,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, log=lambda m: None)
