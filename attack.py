@@ -8,7 +8,8 @@
 Prints per-attack robust accuracy (cascade mode: after each stage), the per-example worst case
 over all attacks, the attack that broke each example first, the median minimum-norm distance,
 throughput and gradient-masking diagnostics; writes results.json, results_per_image.npz and
-PNGs to --out (default RUN_DIR/attack).
+PNGs to --out (default RUN_DIR/attack), and <run>.result.npz with every result (the
+worst-case adversarial of every example included; kwta_jax.results.EvalResult.load).
 This file parses the options and makes one call, kwta_jax.attack_workflow.evaluate_run_dirs; it owns
 the progress bars.
 """
@@ -27,6 +28,7 @@ from kwta_jax.attacks import ES_SCHEDULE
 from kwta_jax.checkpointing import CheckpointError
 from kwta_jax.config import ConfigError
 from kwta_jax.runs import RunDirError
+from kwta_jax.subsets import SUBSETS
 from kwta_jax.suites import (
     ATTACKS,
     BUDGETS,
@@ -84,7 +86,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--eps", nargs="+", type=float, default=None, help="radii (default: per dataset)"
     )
     parser.add_argument("--norm", choices=["linf", "l2"], default="linf")
-    parser.add_argument("--n-examples", type=int, default=1000, help="first N test images")
+    parser.add_argument(
+        "--n-examples",
+        "--max-examples",
+        type=int,
+        default=1000,
+        help="test examples per run (at most the test split), chosen by --subset",
+    )
+    parser.add_argument(
+        "--subset",
+        choices=SUBSETS,
+        default="stratified",
+        help="which test examples: stratified (default): a fixed class-balanced subset drawn "
+        "with --subset-seed (test splits are often sorted by class: mnist5k's first 500 are "
+        "the digits 0-4); first: the first N, for continuity with numbers measured that way",
+    )
+    parser.add_argument("--subset-seed", type=int, default=0, help="seed of the stratified subset")
     parser.add_argument(
         "--batch-size", type=int, default=250, help="examples per compiled chunk (bounds memory)"
     )
@@ -146,7 +163,8 @@ def main(argv=None) -> int:
         multihost.initialize(args.distributed)
         attack_workflow.evaluate_run_dirs(
             args.run_dir, attack_names=args.attacks, eps_values=args.eps, norm=args.norm,
-            n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
+            n_examples=args.n_examples, subset=args.subset, subset_seed=args.subset_seed,
+            batch_size=args.batch_size, seed=args.seed,
             budget=args.budget, surrogate=args.bpda_surrogate, out=args.out,
             diagnose=not args.no_diagnostics, progress=_bars(not args.no_progress),
             log=tqdm.write, mode=args.mode, preset=args.preset,

@@ -1,8 +1,8 @@
 """The evaluation workflow: what ``python attack.py`` runs.
 
-`evaluate_run_dirs`: load every run under a path (`kwta_jax.runs`), run the attack suite
-(`kwta_jax.evaluation`) and the gradient-masking checks (`kwta_jax.diagnostics`) on its test
-split, and write the report (`kwta_jax.reports`).
+`evaluate_run_dirs`: load every run under a path (`kwta_jax.runs`), evaluate it on a
+class-balanced subset of its test split (`kwta_jax.subsets`, `kwta_jax.robustness`) with the
+gradient-masking checks (`kwta_jax.diagnostics`), and write the report (`kwta_jax.reports`).
 """
 
 from __future__ import annotations
@@ -12,13 +12,17 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
-from kwta_jax import data, diagnostics, evaluation, reports, runs, sharding
+from kwta_jax import data, diagnostics, reports, robustness, runs, sharding, subsets
+from kwta_jax.adapters import Model, from_nnx
+from kwta_jax.evaluation import make_models
 from kwta_jax.multihost import is_primary
 from kwta_jax.progress import MakeBar
+from kwta_jax.results import EvalResult
+from kwta_jax.suites import PRESETS, AttackSpec, default_eps, resolve_suite
 
 __all__ = ["PRESETS", "evaluate_run_dirs"]
 
@@ -26,9 +30,11 @@ Log = Callable[[str], None]
 _logger = logging.getLogger(__name__)
 
 
-def _test_examples(config: dict, n_examples: int, cache: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``n_examples`` test images ``[n, H, W, C]`` float32 and labels ``[n]`` int32
-    of a run's dataset, loaded once per distinct split (``cache``)."""
+def _test_examples(
+    config: dict, n_examples: int, cache: dict, *, subset: str, subset_seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x [n, H, W, C] float32, y [n] int32, indices [n])``: the test examples ``subset``
+    picks (`kwta_jax.subsets`) from a run's test split, loaded once per split (``cache``)."""
     # The test split is a function of these fields (the split of mnist5k is seeded).
     split = {k: config.get(k) for k in ("data_dir", "seed", "test_size", "max_test")}
     split = {k: v for k, v in split.items() if v is not None}
@@ -36,80 +42,62 @@ def _test_examples(config: dict, n_examples: int, cache: dict) -> tuple[np.ndarr
     if key not in cache:
         cache[key] = data.load_dataset(config["dataset"], **split)
     ds = cache[key]
-    x = np.asarray(ds.test_images[:n_examples], np.float32)
-    y = np.asarray(ds.test_labels[:n_examples], np.int32)
-    return x, y
+    indices = subsets.select_indices(ds.test_labels, n_examples, subset, subset_seed)
+    x = np.asarray(ds.test_images[indices], np.float32)
+    y = np.asarray(ds.test_labels[indices], np.int32)
+    return x, y, indices
+
+
+def _subset_words(subset: str, subset_seed: int, n: int) -> str:
+    if subset == "first":
+        return f"the first {n} test examples"
+    return f"{n} test examples (class-balanced subset, seed {subset_seed})"
 
 
 def _attack_run(
     run: Path,
-    model: nnx.Module,
+    model: Model,
     config: dict,
     x: np.ndarray,
     y: np.ndarray,
     *,
-    source: nnx.Module | None,
-    suite: Sequence[evaluation.AttackSpec],
+    source: Model | None,
+    suite: Sequence[AttackSpec],
     eps_values: Sequence[float] | None,
     norm: str,
     batch_size: int,
-    seed: int,
+    key: jax.Array,
     surrogate: str,
     diagnose: bool,
     progress: MakeBar | None,
     log: Log,
-    mode: str = "full",
+    mode: str,
+    what: str,
     mesh: Mesh | None = None,
-) -> evaluation.EvalResult:
+) -> EvalResult:
     """The suite (and the masking checks) on one loaded run; logs its table and flags."""
-    name = f"{run.name} ({config.get('act', '?')})"
-    eps = list(eps_values) if eps_values else list(evaluation.default_eps(config["dataset"]))
-    models = evaluation.models_from_nnx(model, source=source, surrogate=surrogate, name=name)
-    what = f"{len(x)} test examples, {norm} eps {eps}, {mode} mode"
-    log(f"\n== {name}: {config['dataset']}, {what}")
+    eps = list(eps_values) if eps_values else list(default_eps(config["dataset"]))
+    log(f"\n== {model.name}: {config['dataset']}, {what}, {norm} eps {eps}, {mode} mode")
     t0 = time.perf_counter()
-    res = evaluation.run_suite(models, x, y, suite=suite, eps_values=eps, norm=norm,
-                               batch_size=batch_size, seed=seed, progress=progress, mode=mode,
-                               mesh=mesh)  # fmt: skip
+    res = robustness.evaluate(
+        model, x, y, eps=eps, key=key, norm=norm, suite=suite, mode=mode,
+        batch_size=batch_size, source=source, bpda_surrogate=surrogate, diagnostics=False,
+        progress=progress or False, log=log, mesh=mesh,
+    )  # fmt: skip
     res.extra["run_dir"] = str(run)
     res.extra["config"] = config
     log(reports.format_table(res))
     if diagnose:
-        flags = diagnostics.run_diagnostics(models, res, x, y, batch_size=batch_size, seed=seed)
-        res.extra["flags"] = [f.to_dict() for f in flags]
-        log(reports.format_flags(flags, name))
+        models = make_models(model, source=source, surrogate=surrogate)
+        diagnosis = diagnostics.run_diagnostics(
+            models, res, x, y, suite=suite, batch_size=batch_size,
+            key=jax.random.fold_in(key, len(suite)), progress=progress,
+        )  # fmt: skip
+        res.diagnostics = diagnosis.to_dict()
+        log(reports.format_flags(diagnosis, model.name))
     res.extra["wall_seconds"] = time.perf_counter() - t0
     log(f"({res.extra['wall_seconds']:.0f} s)")
     return res
-
-
-def _evaluation_suite(
-    attack_names: Sequence[str] | None,
-    *,
-    preset: str | None,
-    norm: str,
-    budget: str,
-    es_schedule: Sequence[tuple[int, int]] | None,
-) -> list[evaluation.AttackSpec]:
-    """The attacks `evaluate_run_dirs` runs: the ``preset``'s, or ``attack_names`` (default
-    `evaluation.default_suite` of ``budget``) at ``budget`` (``es_schedule`` replacing its
-    schedule for `es`)."""
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {PRESETS}; got {preset!r}.")
-        # The quick budget shrinks the preset for smoke runs; otherwise AutoAttack standard.
-        quick = {"apgd_steps": 5, "fab_steps": 5, "n_target_classes": 3, "square_queries": 50}
-        return evaluation.autoattack_suite(norm, **(quick if budget == "quick" else {}))
-    names = evaluation.default_suite(budget, norm) if attack_names is None else attack_names
-    numbers: str | dict = budget
-    if es_schedule is not None:
-        if budget not in evaluation.BUDGETS:
-            raise ValueError(f"budget must be one of {sorted(evaluation.BUDGETS)}; got {budget!r}.")
-        numbers = {**evaluation.BUDGETS[budget], "es_schedule": tuple(map(tuple, es_schedule))}
-    return evaluation.build_suite(names, norm=norm, budget=numbers)
-
-
-PRESETS = ("autoattack",)
 
 
 def evaluate_run_dirs(
@@ -119,6 +107,8 @@ def evaluate_run_dirs(
     eps_values: Sequence[float] | None = None,
     norm: str = "linf",
     n_examples: int = 1000,
+    subset: str = "stratified",
+    subset_seed: int = 0,
     batch_size: int = 250,
     seed: int = 0,
     budget: str = "default",
@@ -127,7 +117,7 @@ def evaluate_run_dirs(
     diagnose: bool = True,
     progress: MakeBar | None = None,
     log: Log | None = None,
-    mode: str = "full",
+    mode: str = "cascade",
     preset: str | None = None,
     es_schedule: Sequence[tuple[int, int]] | None = None,
     mesh: Mesh | None = None,
@@ -135,21 +125,25 @@ def evaluate_run_dirs(
     """Runs the attack suite on every run under ``path`` (see `kwta_jax.runs.find_run_dirs`)
     and writes the report; what ``attack.py`` does.
 
-    With several runs, the ReLU one (``config["act"] == "relu"``) is the transfer surrogate
-    of the others. Writes ``out/results.json``, ``out/results_per_image.npz`` (see
-    `kwta_jax.reports.save_per_image`), ``out/accuracy_vs_eps.png`` and
-    ``out/examples_<run>.png`` (``out`` defaults to ``path/attack``); logs the table, the
-    worst case and the diagnostics. Returns the JSON payload.
+    Each run is evaluated on ``n_examples`` of its test split chosen by ``subset``
+    (`kwta_jax.subsets`: ``"stratified"``, class-balanced with ``subset_seed``, or
+    ``"first"``), with `kwta_jax.robustness.evaluate` (``seed`` is its key), then the
+    gradient-masking checks. A loaded model with no k-WTA (a ReLU run) is the transfer
+    surrogate of the others. Writes to ``out`` (default ``path/attack``): ``results.json``,
+    ``results_per_image.npz`` (`kwta_jax.reports.save_per_image`), ``<run>.result.npz``
+    (`EvalResult.save`: everything, the worst-case adversarial of every example included),
+    ``accuracy_vs_eps.png`` and ``examples_<run>.png``; logs the table, the worst case and the
+    diagnostics. Returns the JSON payload.
 
-    ``attack_names``: default `evaluation.default_suite` of ``budget``. ``mode``: ``"full"``
-    (every attack on every example) or ``"cascade"`` (see `evaluation.run_suite`).
-    ``preset="autoattack"``: `evaluation.autoattack_suite` instead of ``attack_names`` (its
-    own budget; ``budget="quick"`` shrinks it for smoke runs). ``es_schedule``: replaces the
+    ``attack_names``: default the ``budget``'s suite (`kwta_jax.suites.resolve_suite`).
+    ``mode``: ``"cascade"`` (default) or ``"full"`` (see `kwta_jax.evaluation.run_suite`).
+    ``preset="autoattack"``: AutoAttack "standard" instead of ``attack_names`` (its own
+    budget; ``budget="quick"`` shrinks it for smoke runs). ``es_schedule``: replaces the
     budget's schedule of `es` (e.g. `kwta_jax.attacks.ES_SCHEDULE`, the literature's).
     ``mesh``: devices that split each chunk (default: a `sharding.make_mesh` of every
-    device). Multi-host (after `initialize`): every process runs this with the same
-    arguments, the mesh spans all hosts' devices, each evaluates its share of every chunk,
-    and process 0 alone logs and writes the files.
+    device). Multi-host (after `kwta_jax.multihost.initialize`): every process runs this with
+    the same arguments, the mesh spans all hosts' devices, each evaluates its share of every
+    chunk, and process 0 alone logs and writes the files.
 
     Raises:
       FileNotFoundError: no run under ``path`` (or a dataset that is not here).
@@ -161,34 +155,47 @@ def evaluate_run_dirs(
     if not primary:  # the other processes compute their share and stay quiet
         log, progress = (lambda *_: None), None
     run_dirs = runs.find_run_dirs(path)
-    suite = _evaluation_suite(attack_names, preset=preset, norm=norm, budget=budget,
-                              es_schedule=es_schedule)  # fmt: skip
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}; got {preset!r}.")
+    suite = resolve_suite(preset or attack_names or budget, norm=norm,
+                          budget=budget if attack_names or preset else None,
+                          es_schedule=es_schedule)  # fmt: skip
     mesh = sharding.make_mesh() if mesh is None else mesh
-    loaded = {run: runs.load_trained_model(run) for run in run_dirs}
-    relu = [r for r, (_, c) in loaded.items() if str(c.get("act", "")).lower() == "relu"]
-    source = loaded[relu[0]][0] if relu else None
+    key = jax.random.key(seed)
     out = Path(out) if out is not None else Path(path) / "attack"
+    datasets, loaded = {}, {}
+    for run in run_dirs:
+        module, config = runs.load_trained_model(run)
+        model = from_nnx(module, name=f"{run.name} ({config.get('act', '?')})")
+        examples = _test_examples(config, n_examples, datasets, subset=subset,
+                                  subset_seed=subset_seed)  # fmt: skip
+        loaded[run] = (model, config, examples)
+    # Transfer surrogates: the loaded models without k-WTA, for the others of the same input.
+    plain = [r for r, (m, _, (x, _, _)) in loaded.items() if m.count_kwta(x[:1]) == 0]
     if primary:
         out.mkdir(parents=True, exist_ok=True)
 
     payload = {"path": str(path), "budget": budget, "seed": seed, "mode": mode,
                "preset": preset, "attacks": [s.name for s in suite], "devices": mesh.size,
-               "runs": []}  # fmt: skip
+               "subset": subset, "subset_seed": subset_seed, "runs": []}  # fmt: skip
     if es_schedule is not None:
         payload["es_schedule"] = [list(p) for p in es_schedule]
-    results, datasets = [], {}
-    for run, (model, config) in loaded.items():
-        x, y = _test_examples(config, n_examples, datasets)
+    results = []
+    for run, (model, config, (x, y, indices)) in loaded.items():
+        sources = [loaded[r][0] for r in plain
+                   if r != run and loaded[r][2][0].shape[1:] == x.shape[1:]]  # fmt: skip
         res = _attack_run(
-            run, model, config, x, y, source=None if run in relu[:1] else source, suite=suite,
-            eps_values=eps_values, norm=norm, batch_size=batch_size, seed=seed,
+            run, model, config, x, y, source=sources[0] if sources else None, suite=suite,
+            eps_values=eps_values, norm=norm, batch_size=batch_size, key=key,
             surrogate=surrogate, diagnose=diagnose, progress=progress, log=log, mode=mode,
-            mesh=mesh,
+            what=_subset_words(subset, subset_seed, len(x)), mesh=mesh,
         )  # fmt: skip
+        res.indices = indices
         results.append(res)
         payload["runs"].append(res.to_dict())
         if primary:
             reports.plot_examples(res, out / f"examples_{run.name}.png")
+            res.save(out / f"{run.name}.result.npz")
     if not primary:
         return payload
     reports.plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
@@ -196,6 +203,7 @@ def evaluate_run_dirs(
     reports.save_per_image(results, out / "results_per_image.npz")
     log(
         f"\nwrote {out / 'results.json'}, {out / 'results_per_image.npz'}, "
-        f"{out / 'accuracy_vs_eps.png'} and example grids"
+        f"<run>.result.npz (every result, worst-case adversarials included; "
+        f"EvalResult.load), {out / 'accuracy_vs_eps.png'} and example grids"
     )
     return payload

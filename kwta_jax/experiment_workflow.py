@@ -54,7 +54,7 @@ def run_experiment(
     payload = evaluate_run_dirs(
         out, attack_names=attacks, eps_values=experiment.eps, n_examples=n_examples,
         batch_size=batch_size, seed=config.seed, budget=budget, out=out / "attack",
-        progress=progress, log=log,
+        progress=progress, log=log, mode="full",
     )  # fmt: skip
     report = reports.build_report(experiment, payload)
     report["train_summary"] = summary

@@ -23,10 +23,9 @@ import jax
 from flax import nnx
 
 from kwta_jax import ops
+from kwta_jax.backward import BACKWARDS
 
 __all__ = ["KWTA", "LinenKWTA", "iter_kwta_layers", "set_kwta_backward", "set_kwta_ratio"]
-
-BACKWARDS: tuple[str, ...] = ("exact",) + ops.SURROGATES
 
 
 def _check_backward(backward: str) -> None:

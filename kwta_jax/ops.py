@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from kwta_jax.backward import SURROGATES, active_scope
 from kwta_jax.kernels.kwta_cpu import cpu_kernel_available, kwta_rows_cpu
 from kwta_jax.kernels.kwta_pallas import kwta_rows_pallas, triton_available
 from kwta_jax.rank_keys import apply_threshold, key_dtype, rank_keys, transpose_bits
@@ -68,7 +69,6 @@ __all__ = [
 
 Groups = Literal["sample", "channel"]
 GROUPS: tuple[str, ...] = ("sample", "channel")
-SURROGATES: tuple[str, ...] = ("identity", "relu")
 
 # A row implementation maps ``x2d: [rows, n]`` (floating) to ``(y2d, threshold_key)`` where
 # ``y2d`` has the shape and dtype of ``x2d`` and ``threshold_key: [rows]`` is the k-th largest
@@ -358,9 +358,21 @@ def kwta(
     Returns:
       Array of the shape and dtype of ``x``.
 
+    Inside a `kwta_jax.backward.kwta_backward` scope (traced there), the result is that of
+    `kwta_bpda` with the scope's surrogate: same forward pass, surrogate derivative.
+
     Raises:
       TypeError, ValueError: at trace time, for any invalid argument.
     """
+    kwargs = dict(ratio=ratio, k=k, groups=groups, axes=axes, use_abs=use_abs, impl=impl)
+    scope = active_scope()
+    if scope is not None:
+        scope.calls += 1
+        return kwta_bpda(x, surrogate=scope.surrogate, **kwargs)
+    return _kwta_exact(x, **kwargs)
+
+
+def _kwta_exact(x, *, ratio, k, groups, axes, use_abs, impl):
     x2d, layout, kk, name = _to_rows(x, ratio, k, groups, axes, use_abs, impl)
     return _from_rows(kwta_rows(x2d, kk, use_abs, name), layout)
 
@@ -410,5 +422,6 @@ def kwta_bpda(x: jax.Array, *, surrogate: str = "identity", **kwta_kwargs) -> ja
     """
     if surrogate not in SURROGATES:
         raise ValueError(f"kwta_bpda: surrogate must be one of {SURROGATES}; got {surrogate!r}.")
-    y = kwta(lax.stop_gradient(x), **kwta_kwargs)
+    kwargs = dict(ratio=None, k=None, groups="sample", axes=None, use_abs=False, impl="auto")
+    y = _kwta_exact(lax.stop_gradient(x), **{**kwargs, **kwta_kwargs})
     return _with_surrogate_grad(x, y, surrogate)

@@ -2,7 +2,7 @@
 
 * attack suite (`kwta_jax.evaluation.EvalResult`): `format_table`, `save_json`,
   `save_per_image` (``results_per_image.npz``), `plot_accuracy_vs_eps`, `plot_examples`;
-* gradient-masking checks (`kwta_jax.diagnostics.Flag`): `format_flags`;
+* gradient-masking checks (`kwta_jax.diagnostics.Diagnosis`): `format_flags`;
 * training: `plot_learning_curves` (``curves.png``), `format_comparison` (the ReLU-vs-k-WTA
   table of ``summary.json``);
 * the write-up's experiments: `build_report`, `format_report` (``table.md``), `plot_report`.
@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kwta_jax.suites import NON_GRADIENT_KINDS
+
 if TYPE_CHECKING:
-    from kwta_jax.diagnostics import Flag
+    from kwta_jax.diagnostics import Diagnosis
     from kwta_jax.experiments import Experiment
     from kwta_jax.results import EvalResult
 
 __all__ = [
-    "ADAPTIVE_KINDS",
     "build_report",
     "format_comparison",
     "format_eps",
@@ -42,9 +43,6 @@ __all__ = [
     "save_json",
     "save_per_image",
 ]
-
-# Attack kinds that do not trust the model's own gradient (the "strongest adaptive" row).
-ADAPTIVE_KINDS = ("gradient-free", "bpda", "eot", "transfer")
 
 
 def _pyplot():
@@ -199,23 +197,34 @@ def plot_examples(res: EvalResult, path, *, eps: float | None = None, rows: int 
 # --------------------------------------------------------------------------------------------
 
 
-def format_flags(flags: Sequence[Flag], name: str = "") -> str:
-    """One line per flag (``[FLAG]`` or ``[ ok ]``, value, explanation, detail), then a
-    verdict."""
+def format_flags(diagnosis: Diagnosis | dict, name: str = "") -> str:
+    """One line per flag (``[FLAG]`` or ``[ ok ]``, value, explanation, detail), how the
+    checks ran, the checks that did not run and why, then a verdict that only says "no sign
+    of gradient masking" when every check ran. Takes a `kwta_jax.diagnostics.Diagnosis` or
+    its ``to_dict()``."""
+    d = diagnosis if isinstance(diagnosis, dict) else diagnosis.to_dict()
     lines = [f"gradient-masking diagnostics{f' for {name}' if name else ''}:"]
-    for fl in flags:
-        mark = "FLAG" if fl.fired else " ok "
-        value = "n/a" if fl.value is None else f"{fl.value:.3f}"
-        lines.append(f"  [{mark}] {fl.name} = {value} (threshold {fl.threshold:g}): "
-                     f"{fl.explanation}")  # fmt: skip
-        if fl.detail:
-            lines.append(f"         {fl.detail}")
-    fired = [fl.name for fl in flags if fl.fired]
-    lines.append(
-        f"  => {len(fired)} flag(s) fired: gradient masking likely; trust the worst case over "
-        "the adaptive attacks, not white-box PGD." if fired
-        else "  => no flag fired: no sign of gradient masking."
-    )  # fmt: skip
+    for fl in d["flags"]:
+        mark = "FLAG" if fl["fired"] else " ok "
+        value = "n/a" if fl["value"] is None else f"{fl['value']:.3f}"
+        lines.append(f"  [{mark}] {fl['name']} = {value} (threshold {fl['threshold']:g}): "
+                     f"{fl['explanation']}")  # fmt: skip
+        if fl["detail"]:
+            lines.append(f"         {fl['detail']}")
+    for check, why in d["skipped"].items():
+        lines.append(f"  [skip] {check}: not checked: {why}")
+    for note in d["notes"]:
+        lines.append(f"  ({note})")
+    fired = [fl["name"] for fl in d["flags"] if fl["fired"]]
+    if fired:
+        verdict = (f"{len(fired)} flag(s) fired: gradient masking likely; trust the worst case "
+                   "over the adaptive attacks, not white-box PGD.")  # fmt: skip
+    elif d["skipped"]:
+        verdict = (f"no flag fired among the checks that ran, but {len(d['skipped'])} did not "
+                   "run: this is no evidence against gradient masking.")  # fmt: skip
+    else:
+        verdict = "no flag fired and every check ran: no sign of gradient masking."
+    lines.append(f"  => {verdict}")
     return "\n".join(lines)
 
 
@@ -334,7 +343,7 @@ def build_report(experiment: Experiment, attack_payload: dict) -> dict:
             dict(label=f"PGD eps={e}", metric="pgd", eps=eps, writeup=None,
                  ours=[accuracy(r, "pgd", eps) for r in runs], attack="pgd")
         )  # fmt: skip
-        best = [strongest(r, eps, ADAPTIVE_KINDS) for r in runs]
+        best = [strongest(r, eps, NON_GRADIENT_KINDS) for r in runs]
         rows.append(
             dict(label=f"strongest adaptive eps={e}", metric="adaptive", eps=eps, writeup=None,
                  ours=[b[0] for b in best], attack=[b[1] for b in best])
@@ -345,7 +354,7 @@ def build_report(experiment: Experiment, attack_payload: dict) -> dict:
                  attack="all")
         )  # fmt: skip
     flags = {
-        act: [f for f in run.get("flags", []) if f.get("fired")]
+        act: [f for f in run.get("diagnostics", {}).get("flags", []) if f.get("fired")]
         for act, run in zip(experiment.acts, runs, strict=True)
     }
     return {

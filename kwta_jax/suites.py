@@ -1,5 +1,7 @@
 """The attack suites: budgets, default radii, the attack table (`AttackSpec` per name), the
-default and strong suites, and AutoAttack's "standard" preset.
+default and strong suites, AutoAttack's "standard" preset, and `resolve_suite`, the one place
+that turns what a user or a CLI asks for (a suite name, a preset, attack names, specs, a
+budget) into the list of attacks to run.
 
 A suite is a list of `AttackSpec`: what to run, in which order, with which budget. Running it
 is `kwta_jax.evaluation.run_suite`'s job; this module only says what an evaluation contains.
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from kwta_jax import attacks
 from kwta_jax.attacks.fmn import FMN_ALPHA_INIT
@@ -24,26 +26,28 @@ __all__ = [
     "ES_SCHEDULE_CPU",
     "KINDS",
     "MODES",
+    "NAMED_SUITES",
+    "NON_GRADIENT_KINDS",
+    "PRESETS",
     "STRONG_SUITE",
     "AttackSpec",
     "autoattack_suite",
     "build_suite",
     "default_eps",
     "default_suite",
+    "resolve_suite",
 ]
 
-# Attack budgets. "default" keeps `attack.py` on the default mnist5k MLP (1,000 images, two
-# models, cascade) under 2 minutes on two CPU cores and within 2 points of "strong" (what a
-# paper-grade evaluation needs; 1.6 measured at eps 0.1 on k-WTA, docs/attacks.md): its
-# APGD stages are strong's (100 steps x 5 restarts, costly only on the few examples the
-# cascade leaves them), PGD, EOT, finite differences and Square are cheaper, FAB-T and `es`
-# are left to "strong".
+# Attack budgets (docs/attacks.md, "Budgets and cost", has what each costs and finds).
+# "default" is sized for the cascade: strong's APGD stages (costly only on the few examples
+# the cascade leaves them), cheaper PGD, EOT, finite differences and Square; FAB-T and `es`
+# are left to "strong", the paper-grade budget.
 # ``es_schedule``: the (steps, samples) phases of `attacks.es`; "strong" uses a CPU-sized ramp
 # (`ES_SCHEDULE_CPU`), `ES_SCHEDULE` (the literature's 100 -> 1,000 -> 20,000 samples) is for GPUs.
 # ``fmn_step_scales``: one FMN run per initial step `FMN_ALPHA_INIT[norm] * scale`, the smallest
 # adversarial kept; ``square_restarts``, ``apgd_t_restarts``: independent runs. On k-WTA's
-# discontinuous landscape which images an attack breaks depends on its trajectory: these cut
-# the images the peer libraries broke and "strong" missed from 13 to 3 of 500 (docs/attacks.md).
+# discontinuous landscape which images an attack breaks depends on its trajectory, so strong
+# runs several (docs/attacks.md, "Against the peer libraries").
 ES_SCHEDULE_CPU: tuple[tuple[int, int], ...] = ((50, 20), (20, 200))
 BUDGETS: dict[str, dict] = {
     "quick": dict(pgd_steps=5, apgd_steps=5, restarts=1, square_queries=50, eot_samples=2,
@@ -82,17 +86,26 @@ def default_eps(dataset: str) -> tuple[float, ...]:
     raise ValueError(f"no default eps for dataset {dataset!r}; pass --eps.")
 
 
-# Kinds drive the diagnostics: white-box gradient attacks versus attacks that do not trust the
-# model's own gradient.
+# Kinds drive the diagnostics (`kwta_jax.diagnostics`) and the reports: a single gradient
+# step, iterative white-box gradient attacks, minimum-norm attacks, and the attacks that do
+# not trust the model's own gradient (a custom attack takes part through its kind).
 KINDS = ("single-step", "white-box", "minimal-norm", "gradient-free", "bpda", "eot", "transfer")
+NON_GRADIENT_KINDS = ("gradient-free", "bpda", "eot", "transfer")
+# What each auxiliary model an attack can need is, for the message when it is missing.
+AUXILIARY_MODELS = {
+    "bpda": "no k-WTA layer: BPDA would be plain PGD",
+    "source": "no transfer surrogate model",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
     """One attack of a suite.
 
-    ``fn(logits_fn, x, y, key, *, eps, [bpda_logits_fn | source_logits_fn]) -> x_adv``;
-    ``needs`` names the extra model it takes (``"bpda"``, ``"source"`` or ``None``).
+    ``fn(logits_fn, x, y, key, *, eps, [<needs>_logits_fn]) -> x_adv``: ``needs`` names the
+    auxiliary model it also takes (``"bpda"``: the BPDA twin, ``"source"``: a transfer
+    surrogate; ``None``: none), passed as the keyword ``<needs>_logits_fn``.
+    ``kind``: one of `KINDS` (what the diagnostics compare it with).
     ``min_norm``: ``fn`` is a minimum-norm attack ``fn(logits_fn, x, y, key) -> (x_adv,
     dist)`` that takes no eps: it runs once for every radius (its point is kept at radius
     ``eps`` where ``dist <= eps``) and its distances are reported per example.
@@ -104,6 +117,19 @@ class AttackSpec:
     needs: str | None = None
     description: str = ""
     min_norm: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"AttackSpec {self.name!r}: kind must be one of {KINDS}; got "
+                             f"{self.kind!r}.")  # fmt: skip
+        if not callable(self.fn):
+            raise TypeError(f"AttackSpec {self.name!r}: fn must be callable.")
+
+    def skip_reason(self, auxiliary: Collection[str]) -> str | None:
+        """Why this attack cannot run with the ``auxiliary`` models at hand (``None``: it can)."""
+        if self.needs is None or self.needs in auxiliary:
+            return None
+        return AUXILIARY_MODELS.get(self.needs, f"no {self.needs!r} model")
 
 
 def _attack_table(norm: str, b: dict) -> dict[str, AttackSpec]:
@@ -188,25 +214,50 @@ def default_suite(budget: str = "default", norm: str = "linf") -> tuple[str, ...
     return names if norm == "linf" else tuple(n for n in names if n != "square")
 
 
-def build_suite(
-    names: Sequence[str] = DEFAULT_SUITE, *, norm: str = "linf", budget: str | dict = "default"
-) -> list[AttackSpec]:
-    """The `AttackSpec` of each name in ``names`` (``"all"`` expands to every attack)."""
-    check_norm(norm)
+def _budget_numbers(budget: str | dict) -> dict:
+    """A budget's numbers: a name of `BUDGETS`, or a dict overriding "default"'s."""
     if isinstance(budget, str):
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {sorted(BUDGETS)}; got {budget!r}.")
-        budget = BUDGETS[budget]
-    table = _attack_table(norm, {**BUDGETS["default"], **budget})
+        return dict(BUDGETS[budget])
+    if not isinstance(budget, dict):
+        raise TypeError(f"budget must be a name of {sorted(BUDGETS)} or a dict; got "
+                        f"{type(budget).__name__}.")  # fmt: skip
+    unknown = sorted(set(budget) - set(BUDGETS["default"]))
+    if unknown:
+        raise ValueError(f"budget: unknown key(s) {unknown}; known: {sorted(BUDGETS['default'])}.")
+    return {**BUDGETS["default"], **budget}
+
+
+def build_suite(
+    names: Sequence[str | AttackSpec] | str = DEFAULT_SUITE, *, norm: str = "linf",
+    budget: str | dict = "default",
+) -> list[AttackSpec]:  # fmt: skip
+    """The `AttackSpec` of each name in ``names`` (``"all"`` expands to every attack; a single
+    name may be given as a string; `AttackSpec` entries are kept as they are).
+
+    Raises:
+      ValueError: an unknown or repeated attack, an unknown budget, Square with L2.
+    """
+    check_norm(norm)
+    table = _attack_table(norm, _budget_numbers(budget))
+    if isinstance(names, str | AttackSpec):
+        names = [names]
     names = list(ATTACKS) if list(names) == ["all"] else list(names)
-    unknown = [n for n in names if n not in table]
+    bad = [n for n in names if not isinstance(n, str | AttackSpec)]
+    if bad:
+        raise TypeError(f"attacks: entries must be attack names or AttackSpec; got {bad!r}.")
+    unknown = [n for n in names if isinstance(n, str) and n not in table]
     if unknown:
         raise ValueError(f"unknown attack(s) {unknown}; choose from {list(ATTACKS)} or 'all'.")
-    if len(set(names)) != len(names):
-        raise ValueError(f"attack names repeat: {names}.")
-    if norm == "l2" and "square" in names:
+    specs = [table[n] if isinstance(n, str) else n for n in names]
+    seen = [s.name for s in specs]
+    repeated = sorted({n for n in seen if seen.count(n) > 1})
+    if repeated:
+        raise ValueError(f"attacks: {repeated} repeated; give each attack once.")
+    if norm == "l2" and "square" in seen:
         raise ValueError("square: only the L-inf Square attack is implemented; drop it for L2.")
-    return [table[n] for n in names]
+    return specs
 
 
 # AutoAttack "standard" (Croce & Hein 2020, version="standard"): 100 iterations, 1 restart
@@ -214,6 +265,16 @@ def build_suite(
 AUTOATTACK_STANDARD = dict(apgd_steps=100, restarts=1, n_target_classes=9, fab_steps=100,
                            square_queries=5000, apgd_t_restarts=1,
                            square_restarts=1)  # fmt: skip
+
+
+# AutoAttack shrunk for smoke runs (``budget="quick"`` with the preset).
+AUTOATTACK_QUICK = dict(apgd_steps=5, fab_steps=5, n_target_classes=3, square_queries=50)
+PRESETS = ("autoattack",)
+# Suites a user can name: the budget each one runs at (the preset has its own numbers).
+NAMED_SUITES: dict[str, str | None] = {
+    "default": "default", "strong": "strong", "fast": "fast", "quick": "quick",
+    "autoattack": None,
+}  # fmt: skip
 
 
 def autoattack_suite(norm: str = "linf", **overrides) -> list[AttackSpec]:
@@ -225,3 +286,57 @@ def autoattack_suite(norm: str = "linf", **overrides) -> list[AttackSpec]:
     budget = {**AUTOATTACK_STANDARD, **overrides}
     names = ["apgd-ce", "apgd-t", "fab-t"] + (["square"] if norm == "linf" else [])
     return build_suite(names, norm=norm, budget=budget)
+
+
+def resolve_suite(
+    suite: str | AttackSpec | Sequence[str | AttackSpec] | None = None,
+    *,
+    norm: str = "linf",
+    budget: str | dict | None = None,
+    es_schedule: Sequence[tuple[int, int]] | None = None,
+) -> list[AttackSpec]:
+    """The attacks an evaluation runs, from what the user asked for.
+
+    Args:
+      suite: ``None`` or a name of `NAMED_SUITES` (``"default"``, ``"strong"``, ``"fast"``,
+        ``"quick"``: that budget's `default_suite`; ``"autoattack"``: `autoattack_suite`), or
+        attack names / `AttackSpec` (a single one or a list; ``"all"``) run at ``budget``.
+      budget: the numbers of the attacks (a name of `BUDGETS` or a dict of overrides);
+        default: the named suite's own, or ``"default"`` for a list. With
+        ``suite="autoattack"``, ``"quick"`` shrinks the preset for smoke runs.
+      es_schedule: replaces the budget's schedule of `es` (e.g. the literature's,
+        `kwta_jax.attacks.ES_SCHEDULE`).
+    """
+    if isinstance(suite, str) and suite in PRESETS:
+        if es_schedule is not None:
+            raise ValueError("es_schedule: the autoattack preset has no es attack.")
+        if budget not in (None, "quick", "default", "strong"):
+            raise ValueError(f"budget: the autoattack preset has its own budget; only 'quick' "
+                             f"shrinks it; got {budget!r}.")  # fmt: skip
+        return autoattack_suite(norm, **(AUTOATTACK_QUICK if budget == "quick" else {}))
+    if suite is None or (isinstance(suite, str) and suite in NAMED_SUITES):
+        budget = NAMED_SUITES.get(suite or "default") if budget is None else budget
+        names = default_suite(budget if isinstance(budget, str) else "default", norm)
+    elif not isinstance(suite, str | AttackSpec) and any(
+        isinstance(n, str) and n in NAMED_SUITES for n in suite
+    ):
+        # A list that names whole suites ("autoattack", then extra attacks): each part
+        # resolved on its own, in order.
+        specs = [
+            spec
+            for part in suite
+            for spec in (
+                resolve_suite(part, norm=norm, budget=budget, es_schedule=es_schedule)
+                if isinstance(part, str) and part in NAMED_SUITES
+                else [part]
+                if isinstance(part, AttackSpec)
+                else resolve_suite([part], norm=norm, budget=budget, es_schedule=es_schedule)
+            )
+        ]
+        return build_suite(specs, norm=norm)
+    else:
+        names, budget = suite, "default" if budget is None else budget
+    numbers = _budget_numbers(budget)
+    if es_schedule is not None:
+        numbers["es_schedule"] = tuple(tuple(int(v) for v in p) for p in es_schedule)
+    return build_suite(names, norm=norm, budget=numbers)

@@ -9,14 +9,24 @@ import pytest
 from test_attacks_adaptive import masked_model, relu_model, toy_data
 
 from kwta_jax import attacks, evaluation, reports, suites
+from kwta_jax.adapters import from_logits_fn
 from kwta_jax.attacks import AttackInvariantError
+
+
+def toy_models(logits_fn, *, name="model", **auxiliary) -> evaluation.Models:
+    """`evaluation.Models` of closures ``x -> logits``: the attacked one and auxiliary ones
+    (``bpda=``, ``source=``)."""
+    return evaluation.Models(
+        from_logits_fn(logits_fn, name=name),
+        {k: from_logits_fn(f, name=k) for k, f in auxiliary.items()},
+    )
 
 
 @pytest.fixture(scope="module")
 def relu_result():
     x, y, _ = toy_data(40, seed=5)
     suite = evaluation.build_suite(["fgsm", "pgd", "square", "transfer"], budget="quick")
-    models = evaluation.Models(relu_model(), source_logits_fn=masked_model(bpda=True), name="r")
+    models = toy_models(relu_model(), source=masked_model(bpda=True), name="r")
     res = evaluation.run_suite(
         models, x, y, suite=suite, eps_values=[0.2, 0.3], batch_size=16, progress=False, keep=4
     )
@@ -59,7 +69,7 @@ def test_same_seed_same_result(relu_result):
 def test_skips_attacks_without_their_model_and_reports(relu_result, tmp_path):
     res, x, y, _, _ = relu_result
     skipped = evaluation.run_suite(
-        evaluation.Models(relu_model(), name="plain"), x[:8], y[:8],
+        toy_models(relu_model(), name="plain"), x[:8], y[:8],
         suite=evaluation.build_suite(["fgsm", "bpda", "transfer"], budget="quick"),
         eps_values=[0.1], progress=False,
     )  # fmt: skip
@@ -84,7 +94,7 @@ def test_invariant_violation_is_caught():
     )
     with pytest.raises(AttackInvariantError, match="bad: .* outside the linf ball"):
         evaluation.run_suite(
-            evaluation.Models(relu_model()), x, y, suite=[bad], eps_values=[0.1],
+            toy_models(relu_model()), x, y, suite=[bad], eps_values=[0.1],
             progress=False,
         )  # fmt: skip
 
@@ -95,13 +105,13 @@ def test_validation_errors():
         evaluation.build_suite(["pgd", "nope"])
     with pytest.raises(ValueError, match="budget"):
         evaluation.build_suite(["pgd"], budget="huge")
-    with pytest.raises(ValueError, match="eps values must be > 0"):
+    with pytest.raises(ValueError, match="eps: values must be > 0"):
         evaluation.run_suite(
-            evaluation.Models(relu_model()), x, y, suite=[], eps_values=[0.0], progress=False
+            toy_models(relu_model()), x, y, suite=[], eps_values=[0.0], progress=False
         )
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         evaluation.run_suite(
-            evaluation.Models(relu_model()), x + 2, y, suite=[], eps_values=[0.1],
+            toy_models(relu_model()), x + 2, y, suite=[], eps_values=[0.1],
             progress=False,
         )  # fmt: skip
     assert len(evaluation.build_suite(["all"])) == len(evaluation.ATTACKS)
@@ -125,11 +135,13 @@ def test_models_from_nnx_builds_bpda_copy_only_for_kwta():
     assert isinstance(kw.act, KWTA)
     m = evaluation.models_from_nnx(kw)
     x = jnp.asarray(toy_data(4)[0])
-    np.testing.assert_allclose(m.bpda_logits_fn(x), m.logits_fn(x), rtol=1e-6)
-    g_exact = jax.grad(lambda v: m.logits_fn(v).sum())(x)
-    g_bpda = jax.grad(lambda v: m.bpda_logits_fn(v).sum())(x)
+    exact, bpda = m.model.logits_fn(), m.auxiliary["bpda"].logits_fn()
+    np.testing.assert_allclose(bpda(x), exact(x), rtol=1e-6)
+    g_exact = jax.grad(lambda v: exact(v).sum())(x)
+    g_bpda = jax.grad(lambda v: bpda(v).sum())(x)
     assert not np.allclose(g_exact, g_bpda)  # identity backward differs from the mask
-    assert evaluation.models_from_nnx(MLP(jax.nn.relu, nnx.Rngs(0))).bpda_logits_fn is None
+    assert m.model.count_kwta(x) == 1
+    assert evaluation.models_from_nnx(MLP(jax.nn.relu, nnx.Rngs(0))).model.count_kwta(x) == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +158,7 @@ DETERMINISTIC = ["fgsm", "deepfool", "fmn", "fab-t"]
 def full_and_cascade():
     x, y, _ = toy_data(40, seed=5)
     suite = evaluation.build_suite(DETERMINISTIC, budget="quick")
-    models = evaluation.Models(relu_model(), name="r")
+    models = toy_models(relu_model(), name="r")
     kw = dict(suite=suite, eps_values=[0.245, 0.25, 0.3], batch_size=16, progress=False, keep=4)
     full = evaluation.run_suite(models, x, y, mode="full", **kw)
     cascade = evaluation.run_suite(models, x, y, mode="cascade", **kw)
@@ -264,7 +276,7 @@ def test_strong_suite_has_min_norm_and_es():
     assert full[0].fn.keywords["schedule"] == ((100, 100), (50, 1000), (20, 20000))
     with pytest.raises(ValueError, match="mode"):
         x, y, _ = toy_data(4)
-        evaluation.run_suite(evaluation.Models(relu_model()), x, y, suite=[], eps_values=[0.1],
+        evaluation.run_suite(toy_models(relu_model()), x, y, suite=[], eps_values=[0.1],
                              mode="fast", progress=False)  # fmt: skip
 
 
@@ -272,7 +284,7 @@ def test_cascade_stage_with_nothing_left_is_not_run():
     # At eps = 1 PGD breaks every example: the next stage has nothing to attack.
     x, y, _ = toy_data(16, seed=2)
     res = evaluation.run_suite(
-        evaluation.Models(relu_model(), name="r"), x, y,
+        toy_models(relu_model(), name="r"), x, y,
         suite=evaluation.build_suite(["pgd", "fgsm", "fmn"], budget="quick"), eps_values=[1.0],
         batch_size=8, progress=False, mode="cascade",
     )  # fmt: skip
@@ -288,8 +300,8 @@ def test_every_attack_runs_in_the_suite_with_traced_eps():
     # The suite compiles each attack once with eps a traced argument: every attack of the
     # table must trace that way (es sets its smoothing sigma to eps).
     x, y, _ = toy_data(8, seed=4)
-    models = evaluation.Models(masked_model(), bpda_logits_fn=masked_model(bpda=True),
-                               source_logits_fn=relu_model(), name="step")  # fmt: skip
+    models = toy_models(masked_model(), bpda=masked_model(bpda=True), source=relu_model(),
+                        name="step")  # fmt: skip
     res = evaluation.run_suite(
         models, x, y, suite=evaluation.build_suite(["all"], budget="quick"),
         eps_values=[0.4], batch_size=8, progress=False, mode="cascade",

@@ -25,10 +25,11 @@ import numpy as np
 from jax.sharding import Mesh
 from test_attacks_adaptive import relu_model, toy_data
 from kwta_jax import evaluation
+from kwta_jax.adapters import from_logits_fn
 
 assert jax.local_device_count() == 2, jax.devices()
 x, y, _ = toy_data(37, seed=5)  # 37: the last chunk is padded
-models = evaluation.Models(relu_model(), name="r")
+models = evaluation.Models(from_logits_fn(relu_model(), name="r"))
 out = {}
 cases = {
     # Random attacks too: with the same chunks the keys and the random draws are the same.

@@ -32,8 +32,11 @@ LAYERS: dict[str, int] = {
     "kwta_jax.checkpointing": 0,
     "kwta_jax.data": 0,
     "kwta_jax.sharding": 0,
+    "kwta_jax.subsets": 0,
     # 1: the op layer (rank keys, selection, kernels, ops, layers, attacks, benchmark).
     "kwta_jax.models": 2,
+    "kwta_jax.adapters": 2,
+    "kwta_jax.preflight": 3,
     "kwta_jax.suites": 2,
     "kwta_jax.results": 0,
     "kwta_jax.config": 3,
@@ -43,6 +46,7 @@ LAYERS: dict[str, int] = {
     "kwta_jax.experiments": 4,
     "kwta_jax.diagnostics": 5,
     "kwta_jax.gpu_check": 5,
+    "kwta_jax.robustness": 6,
     "kwta_jax.reports": 6,
     "kwta_jax.multihost": 5,
     "kwta_jax.train_workflow": 7,
@@ -52,8 +56,8 @@ LAYERS: dict[str, int] = {
     "attack": 9,
 }
 OP_LAYER = 1
-OP_MODULES = ("kwta_jax", "kwta_jax.rank_keys", "kwta_jax.selection", "kwta_jax.ops",
-              "kwta_jax.layers", "kwta_jax.benchmark")  # fmt: skip
+OP_MODULES = ("kwta_jax", "kwta_jax.backward", "kwta_jax.rank_keys", "kwta_jax.selection",
+              "kwta_jax.ops", "kwta_jax.layers", "kwta_jax.benchmark")  # fmt: skip
 OP_PACKAGES = ("kwta_jax.kernels", "kwta_jax.attacks")
 
 # Function-level project imports in files this refactor may not edit; each is harmless (no

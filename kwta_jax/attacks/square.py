@@ -5,6 +5,10 @@ square window (all channels, a random sign per channel) with ``+-eps`` and keep 
 example if it increases the margin loss ``max_{j != y} z_j - z_y``. Examples already
 misclassified stop changing. The window side shrinks with the query budget (the paper's
 ``p`` schedule). Uses only forward passes, so gradient masking cannot stop it.
+
+Inputs of any rank are searched as images ``[B, H, W, C]``: ``[B, H, W]`` has one channel,
+``[B, d]`` is one row of ``d`` features (its "squares" are runs of ``p d`` consecutive
+features), and more than two inner axes are folded into the width.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ def square(
     norm: str = "linf",
     restarts: int = 1,
 ) -> jax.Array:
-    """Square attack. ``x [B, H, W, C]`` float32 in [0, 1], ``y [B]`` -> ``x_adv`` like ``x``.
+    """Square attack. ``x [B, ...]`` float32 in [0, 1] (images ``[B, H, W, C]``; see the
+    module docstring for other ranks), ``y [B]`` -> ``x_adv`` like ``x``.
 
     ``queries``: model evaluations per example and restart (1 for the start, ``queries - 1``
     proposals). ``restarts``: independent runs (key ``fold_in(key, r)``; one run: ``key``
@@ -56,8 +61,19 @@ def square(
         raise ValueError(f"square: only norm='linf' is implemented; got {norm!r}.")
     if restarts < 1:
         raise ValueError(f"square: restarts must be >= 1; got {restarts}.")
-    chex.assert_rank(x, 4)
+    chex.assert_rank(y, 1)
     chex.assert_equal_shape_prefix((x, y), 1)
+    if x.ndim != 4:
+        shape = x.shape
+        as_image = (shape[0], 1, shape[1], 1) if x.ndim == 2 else \
+            shape + (1,) if x.ndim == 3 else (shape[0], shape[1], -1, shape[-1])  # fmt: skip
+
+        def image_logits_fn(v):
+            return logits_fn(v.reshape(shape))
+
+        x_adv = square(image_logits_fn, x.reshape(as_image), y, key, eps=eps, queries=queries,
+                       p_init=p_init, norm=norm, restarts=restarts)  # fmt: skip
+        return x_adv.reshape(shape)
     if restarts == 1:
         return _square_run(logits_fn, x, y, key, eps, queries, p_init)
 
@@ -85,11 +101,16 @@ def _square_run(logits_fn, x, y, key, eps, queries, p_init) -> jax.Array:
         x_cur, m_cur = carry
         k_pos, k_sign = jax.random.split(jax.random.fold_in(k_loop, i))
         p = square_fraction(i, queries, p_init)
-        side = jnp.clip(jnp.round(jnp.sqrt(p * h * w)), 1, min(h, w) - 1).astype(jnp.int32)
+        if min(h, w) > 1:
+            side = jnp.clip(jnp.round(jnp.sqrt(p * h * w)), 1, min(h, w) - 1).astype(jnp.int32)
+            side_h = side_w = side
+        else:  # one row (or column) of features: a run of p * h * w of them
+            run = jnp.clip(jnp.round(p * h * w), 1, max(h * w - 1, 1)).astype(jnp.int32)
+            side_h, side_w = (1, run) if h == 1 else (run, 1)
         u = jax.random.uniform(k_pos, (2, b, 1, 1, 1))
-        top = jnp.floor(u[0] * (h - side + 1)).astype(jnp.int32)
-        left = jnp.floor(u[1] * (w - side + 1)).astype(jnp.int32)
-        window = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+        top = jnp.floor(u[0] * (h - side_h + 1)).astype(jnp.int32)
+        left = jnp.floor(u[1] * (w - side_w + 1)).astype(jnp.int32)
+        window = (rows >= top) & (rows < top + side_h) & (cols >= left) & (cols < left + side_w)
         signs = eps * jax.random.rademacher(k_sign, (b, 1, 1, c), x.dtype)
         x_new = project(jnp.where(window, x + signs, x_cur), x, eps, norm)
         m_new = margin(logits_fn(x_new), y)
