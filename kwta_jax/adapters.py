@@ -85,7 +85,11 @@ class Model:
         """How many library k-WTA ops one forward pass on inputs shaped like ``x`` traces
         (no computation: abstract evaluation). 0 means a BPDA twin would be the model."""
         with kwta_backward() as scope:
-            jax.eval_shape(self.apply, self.params, jax.ShapeDtypeStruct(x.shape, x.dtype))
+            # A new function each time: JAX caches traces by function, and a cached trace
+            # would not run the k-WTA ops again to be counted.
+            jax.eval_shape(
+                lambda p, v: self.apply(p, v), self.params, jax.ShapeDtypeStruct(x.shape, x.dtype)
+            )
         return scope.calls
 
 

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import attack  # noqa: E402
+from kwta_jax.results import EvalResult  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -100,8 +101,15 @@ def test_cli_end_to_end_on_stand_in_runs(monkeypatch, tmp_path, capsys):
     for r in payload["runs"]:
         worst = r["worst_case_accuracy"]["0.3"]
         assert all(worst <= a["accuracy"]["0.3"] for a in r["attacks"].values())
-        assert r["flags"] and all("explanation" in f for f in r["flags"])
+        flags = r["diagnostics"]["flags"]
+        assert flags and all("explanation" in f for f in flags)
+        # The default subset is class-balanced, and results.json says which examples.
+        assert payload["subset"] == "stratified" and len(r["indices"]) == r["n_examples"]
     assert (out / "accuracy_vs_eps.png").is_file() and (out / "examples_kwta.png").is_file()
+    # Every result is saved whole, the worst-case adversarials included.
+    res = EvalResult.load(out / "kwta.result.npz")
+    assert res.to_dict()["worst_case_accuracy"] == by_act["kwta"]["worst_case_accuracy"]
+    assert res.x_adv[0.3].shape == (by_act["kwta"]["n_examples"], 8, 8, 1)
 
 
 def test_cli_cascade_full_per_image_and_preset(monkeypatch, tmp_path, capsys):
