@@ -13,8 +13,8 @@ pure function — needs no argument threaded through the user's code:
 The scope is read at trace time: enter it inside the function that `jax.jit` traces (as
 above), not around a call of an already compiled function, whose cached trace would not see
 it; for the same reason a k-WTA inside a sub-function the model itself wraps in `jax.jit` is
-not reached (Flax modules do not do that; plain functions should not). The scope also counts the k-WTA ops it reached (`BackwardScope.calls`), which tells
-whether a model contains any.
+not reached (Flax modules do not do that; plain functions should not). The scope also counts
+the k-WTA ops it reached (`BackwardScope.calls`), which tells whether a model contains any.
 """
 
 from __future__ import annotations

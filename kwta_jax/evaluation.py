@@ -422,10 +422,10 @@ def run_suite(
 
     ``mode="cascade"`` (AutoAttack's rule, the default): the attacks run in suite order, each
     at radius ``eps`` only on the clean-correct examples every earlier attack failed on at
-    ``eps``. A minimum-norm attack (``spec.min_norm``) runs once for all radii: the suite's
-    first one on every clean-correct example, so every example gets a distance and
-    `EvalResult.median_min_norm` does not depend on the cascade; later ones on the examples
-    still unbroken at some radius (their distances are ``nan`` elsewhere).
+    ``eps``. A minimum-norm attack (``spec.min_norm``) runs once for all radii: with
+    ``spec.measure_all`` (FMN) on every clean-correct example, so every example gets a
+    distance and `EvalResult.median_min_norm` does not depend on the cascade; otherwise on
+    the examples still unbroken at some radius (its distances are ``nan`` elsewhere).
     ``mode="full"``: every attack on every example (the per-attack table). The worst case
     counts the same examples as robust in both modes up to the randomness of the attacks (an
     example's chunk, hence its random draws, differs when earlier attacks removed others).
@@ -472,10 +472,9 @@ def run_suite(
             continue
         if mode == "full":
             active = None
-        elif spec.min_norm and not res.min_norm_dist:
-            # The first minimum-norm attack measures every example's distance (the median
-            # min-norm is a number of the model, not of the cascade); later ones, like any
-            # stage, only what is still unbroken at some radius.
+        elif spec.min_norm and spec.measure_all:
+            # It measures every example's distance (the median min-norm is a number of the
+            # model, not of the cascade); other stages only attack what is still unbroken.
             active = {e: res.clean_correct.copy() for e in eps_values}
         else:
             active = {e: m.copy() for e, m in remaining.items()}
@@ -493,7 +492,7 @@ def run_suite(
             mesh=mesh,
         )
         for e in eps_values:
-            if mode == "cascade" and spec.min_norm:
+            if mode == "cascade" and spec.min_norm and spec.measure_all:
                 # It ran on every clean-correct example: keep the stage's own.
                 out.attacked[e] = remaining[e].copy()
                 out.pred[e] = np.where(remaining[e], out.pred[e], -1)
