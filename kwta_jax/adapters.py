@@ -12,14 +12,15 @@ a JAX model is written:
 
 `Model.bpda` is the model's BPDA twin for adaptive attacks: the same forward pass with the
 derivative of every library k-WTA inside replaced by a surrogate's
-(`kwta_jax.backward.kwta_backward`), whatever the model's code looks like.
+(`kwta_jax.backward.kwta_backward`), whatever the model's code looks like. `Models` is what an
+evaluation attacks: the model and the auxiliary models some attacks need (`make_models`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +29,18 @@ from flax import nnx
 
 from kwta_jax.backward import SURROGATES, kwta_backward
 
-__all__ = ["Apply", "Model", "as_model", "from_apply", "from_linen", "from_logits_fn", "from_nnx"]
+__all__ = [
+    "Apply",
+    "Model",
+    "Models",
+    "as_model",
+    "from_apply",
+    "from_linen",
+    "from_logits_fn",
+    "from_nnx",
+    "make_models",
+    "models_from_nnx",
+]
 
 # ``apply(params, x) -> logits``: ``x [B, ...]`` inputs, ``[B, classes]`` logits.
 Apply = Callable[[Any, jax.Array], jax.Array]
@@ -202,3 +214,45 @@ def as_model(model: Any, *, name: str | None = None) -> Model:
     raise TypeError(
         f"model: expected a flax.nnx.Module or a Model; got {type(model).__name__}: {hint}."
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The attacked model and the auxiliary models some attacks take gradients from, by the
+    name an `AttackSpec.needs` uses: ``"bpda"`` (the BPDA twin: same forward pass, smooth
+    backward) and ``"source"`` (a transfer surrogate), or any name a custom attack needs.
+
+    ``bpda_needs_kwta``: the ``"bpda"`` twin is the automatic one (`make_models`), which
+    `run_suite` drops when the model contains no k-WTA (BPDA would be plain PGD); a twin
+    given by hand is always used."""
+
+    model: Model
+    auxiliary: Mapping[str, Model] = dataclasses.field(default_factory=dict)
+    bpda_needs_kwta: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def renamed(self, name: str) -> Models:
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, name=name))
+
+
+def make_models(
+    model, *, source=None, surrogate: str | None = "identity", name: str | None = None
+) -> Models:
+    """`Models` for ``model`` (a `Model` or an NNX module): its BPDA twin with ``surrogate``
+    (`Model.bpda`; dropped by `run_suite` when the model has no k-WTA; ``None``: none) and
+    the transfer ``source`` if given."""
+    model = as_model(model, name=name)
+    auxiliary = {}
+    if surrogate is not None:
+        auxiliary["bpda"] = model.bpda(surrogate)
+    if source is not None:
+        auxiliary["source"] = as_model(source, name="source")
+    return Models(model, auxiliary, bpda_needs_kwta=True)
+
+
+def models_from_nnx(model, *, source=None, surrogate: str = "identity", name="model") -> Models:
+    """`make_models` for an NNX ``model`` (and an NNX ``source``)."""
+    return make_models(model, source=source, surrogate=surrogate, name=name)

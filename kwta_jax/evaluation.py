@@ -25,7 +25,7 @@ import dataclasses
 import math
 import numbers
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kwta_jax.adapters import Model, as_model
+from kwta_jax.adapters import Model, Models, make_models, models_from_nnx
 from kwta_jax.attacks.projections import check_norm, check_threat_model
 from kwta_jax.progress import MakeBar, open_bar
 from kwta_jax.results import EvalResult  # run_suite's result, importable from here too
@@ -76,53 +76,6 @@ __all__ = [
     "run_attack",
     "run_suite",
 ]
-
-# --------------------------------------------------------------------------------------------
-# Models.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Models:
-    """The attacked model and the auxiliary models some attacks take gradients from, by the
-    name an `AttackSpec.needs` uses: ``"bpda"`` (the BPDA twin: same forward pass, smooth
-    backward) and ``"source"`` (a transfer surrogate), or any name a custom attack needs.
-
-    ``bpda_needs_kwta``: the ``"bpda"`` twin is the automatic one (`make_models`), which
-    `run_suite` drops when the model contains no k-WTA (BPDA would be plain PGD); a twin
-    given by hand is always used."""
-
-    model: Model
-    auxiliary: Mapping[str, Model] = dataclasses.field(default_factory=dict)
-    bpda_needs_kwta: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    def renamed(self, name: str) -> Models:
-        return dataclasses.replace(self, model=dataclasses.replace(self.model, name=name))
-
-
-def make_models(
-    model, *, source=None, surrogate: str | None = "identity", name: str | None = None
-) -> Models:
-    """`Models` for ``model`` (a `Model` or an NNX module): its BPDA twin with ``surrogate``
-    (`Model.bpda`; dropped by `run_suite` when the model has no k-WTA; ``None``: none) and
-    the transfer ``source`` if given."""
-    model = as_model(model, name=name)
-    auxiliary = {}
-    if surrogate is not None:
-        auxiliary["bpda"] = model.bpda(surrogate)
-    if source is not None:
-        auxiliary["source"] = as_model(source, name="source")
-    return Models(model, auxiliary, bpda_needs_kwta=True)
-
-
-def models_from_nnx(model, *, source=None, surrogate: str = "identity", name="model") -> Models:
-    """`make_models` for an NNX ``model`` (and an NNX ``source``)."""
-    return make_models(model, source=source, surrogate=surrogate, name=name)
-
 
 # --------------------------------------------------------------------------------------------
 # Arguments users pass in many forms.
