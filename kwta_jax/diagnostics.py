@@ -54,6 +54,7 @@ CHECKS = (
     "non_gradient_beats_white_box",
     "zero_input_gradient",
     "flat_loss_along_gradient",
+    "discontinuous_loss",
 )
 
 
@@ -109,6 +110,12 @@ class Diagnosis:
         }
 
 
+# The jump test's step, as a fraction of the smallest radius: small enough that a continuous
+# piecewise-linear model rarely crosses more than a kink or two, large enough to meet the
+# discontinuities of a k-WTA (docs/attacks.md, "Diagnostics", has the measured shares).
+JUMP_STEP_FRACTION = 0.1
+
+
 def gradient_statistics(
     models: Models,
     x: np.ndarray,
@@ -117,17 +124,26 @@ def gradient_statistics(
     eps: float,
     norm: str = "linf",
     batch_size: int = 250,
+    key=0,
 ) -> dict:
-    """Share of examples whose input gradient of the margin loss is exactly zero, and whose
-    margin loss does not change along one ``eps`` steepest-ascent step (flat loss surface).
+    """Shares of the examples, on the margin loss ``L`` (not cross-entropy: a confident
+    softmax makes its gradient underflow to zero on any model):
 
-    The margin ``max_{j != y} z_j - z_y`` is used rather than cross-entropy because a
-    confident softmax makes the cross-entropy gradient underflow to zero on any model.
+    * ``zero_gradient_share``: whose input gradient is exactly zero;
+    * ``flat_loss_share``: whose loss does not change along one ``eps`` steepest-ascent step;
+    * ``jump_share``: whose loss jumps over a random step ``d`` of `JUMP_STEP_FRACTION`
+      ``* eps`` (random signs for L-inf, a random direction for L2): ``|L(x+d) - L(x) -
+      (g(x) + g(x+d)).d / 2| > max(|g(x).d|, |g(x+d).d|) / 2 + 1e-4 (1 + |L(x)|)``. On a
+      continuous model the change is the integral of the gradient along the step, close to
+      the average of its two ends; a discontinuous one (k-WTA: a unit entering or leaving the
+      winners) adds a jump that no gradient sees.
     """
     model = models.model
+    key = as_key(key)
+    r = JUMP_STEP_FRACTION * eps
 
     @jax.jit
-    def stats(params, xc, yc):
+    def stats(params, xc, yc, k):
         logits_fn = model.logits_fn(params)
         loss, g, _ = loss_and_grad(logits_fn, margin, xc, yc)
         zero = jnp.max(jnp.abs(g).reshape(g.shape[0], -1), -1) == 0
@@ -135,18 +151,27 @@ def gradient_statistics(
             xc + eps * attacks.projections.ascent_direction(g, norm), xc, eps, norm
         )
         flat = jnp.abs(margin(logits_fn(x_step), yc) - loss) <= 1e-6 * (1 + jnp.abs(loss))
-        return zero, flat
+        u = jax.random.normal(k, xc.shape, jnp.float32)
+        xd = attacks.project(xc + r * attacks.projections.ascent_direction(u, norm), xc, r, norm)
+        loss_d, g_d, _ = loss_and_grad(logits_fn, margin, xd, yc)
+        d = (xd - xc).reshape(xc.shape[0], -1)
+        ends = jnp.sum(g.reshape(d.shape) * d, -1), jnp.sum(g_d.reshape(d.shape) * d, -1)
+        gap = jnp.abs(loss_d - loss - (ends[0] + ends[1]) / 2)
+        tol = jnp.maximum(jnp.abs(ends[0]), jnp.abs(ends[1])) / 2 + 1e-4 * (1 + jnp.abs(loss))
+        return zero, flat, gap > tol
 
-    zero, flat = [], []
-    for a in range(0, len(x), batch_size):
-        z, f = stats(
-            model.params, jnp.asarray(x[a : a + batch_size]), jnp.asarray(y[a : a + batch_size])
-        )
-        zero.append(np.asarray(z))
-        flat.append(np.asarray(f))
+    out = {"zero": [], "flat": [], "jump": []}
+    for c, a in enumerate(range(0, len(x), batch_size)):
+        xc, yc = jnp.asarray(x[a : a + batch_size]), jnp.asarray(y[a : a + batch_size])
+        for name, v in zip(
+            out, stats(model.params, xc, yc, jax.random.fold_in(key, c)), strict=True
+        ):
+            out[name].append(np.asarray(v))
     return {
-        "zero_gradient_share": float(np.concatenate(zero).mean()),
-        "flat_loss_share": float(np.concatenate(flat).mean()),
+        "zero_gradient_share": float(np.concatenate(out["zero"]).mean()),
+        "flat_loss_share": float(np.concatenate(out["flat"]).mean()),
+        "jump_share": float(np.concatenate(out["jump"]).mean()),
+        "jump_step": r,
     }
 
 
@@ -263,24 +288,27 @@ def _non_gradient_flags(res: EvalResult, white_box: list[str], tol: float) -> li
 
 def _gradient_flags(grad_stats: dict, share_threshold: float) -> list[Flag]:
     z, f = grad_stats["zero_gradient_share"], grad_stats["flat_loss_share"]
+    j = grad_stats["jump_share"]
     return [
         Flag(
-            "zero_input_gradient",
-            z > share_threshold,
-            z,
-            share_threshold,
+            "zero_input_gradient", z > share_threshold, z, share_threshold,
             "Share of inputs whose loss gradient is exactly zero: gradient attacks cannot "
             "move them at all (shattered / saturated gradients).",
         ),
         Flag(
-            "flat_loss_along_gradient",
-            f > share_threshold,
-            f,
-            share_threshold,
+            "flat_loss_along_gradient", f > share_threshold, f, share_threshold,
             "Share of inputs whose loss does not change after an eps step along the gradient "
             "sign: the local gradient says nothing about the loss nearby.",
         ),
-    ]
+        Flag(
+            "discontinuous_loss", j > share_threshold, j, share_threshold,
+            "Share of inputs whose loss jumps over a small random step (more than the "
+            "gradients at its two ends explain): the model is discontinuous there, so its "
+            "gradient misleads gradient attacks (shattered gradients).",
+            f"random steps of {grad_stats['jump_step']:.3g} ({JUMP_STEP_FRACTION:g} x the "
+            "smallest eps)",
+        ),
+    ]  # fmt: skip
 
 
 def gradient_masking_flags(
@@ -352,7 +380,8 @@ def gradient_masking_flags(
     if grad_stats is not None:
         flags.extend(_gradient_flags(grad_stats, share_threshold))
     else:
-        skipped["zero_input_gradient"] = skipped["flat_loss_along_gradient"] = "not measured"
+        for check in ("zero_input_gradient", "flat_loss_along_gradient", "discontinuous_loss"):
+            skipped[check] = "not measured"
     return Diagnosis(flags, skipped)
 
 
@@ -395,8 +424,9 @@ def run_diagnostics(
         large_eps = 1.0 if res.norm == "linf" else float(np.sqrt(np.prod(x.shape[1:])))
     notes = []
     stats = gradient_statistics(
-        models, x, y, eps=min(res.eps_values), norm=res.norm, batch_size=batch_size
-    )
+        models, x, y, eps=min(res.eps_values), norm=res.norm, batch_size=batch_size,
+        key=jax.random.fold_in(key, 3),
+    )  # fmt: skip
     large = stratified_indices(y, n_large)
     acc = large_eps_accuracy(
         models,

@@ -159,8 +159,8 @@ def test_cli_end_to_end_on_a_real_train_py_run(tmp_path):
     assert train.returncode == 0, train.stderr[-2000:]
     res = subprocess.run(
         [sys.executable, str(ROOT / "attack.py"), str(tmp_path / "runs"), "--quick",
-         "--n-examples", "64", "--attacks", "fgsm", "pgd", "bpda", "transfer", "--no-progress",
-         "--out", str(tmp_path / "out")],
+         "--n-examples", "64", "--attacks", "fgsm", "pgd", "bpda", "transfer", "square",
+         "--no-progress", "--out", str(tmp_path / "out")],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
@@ -168,3 +168,10 @@ def test_cli_end_to_end_on_a_real_train_py_run(tmp_path):
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(payload["runs"]) == 2
     assert np.isfinite([r["clean_accuracy"] for r in payload["runs"]]).all()
+    # The default (cascade) run flags gradient masking on k-WTA, and on ReLU every check runs
+    # and none fires.
+    diagnosis = {r["config"]["act"]: r["diagnostics"] for r in payload["runs"]}
+    fired = {act: [f["name"] for f in d["flags"] if f["fired"]] for act, d in diagnosis.items()}
+    assert "discontinuous_loss" in fired["kwta"], fired
+    assert fired["relu"] == [] and diagnosis["relu"]["complete"], diagnosis["relu"]
+    assert "gradient masking likely" in res.stdout and "no sign of gradient masking" in res.stdout

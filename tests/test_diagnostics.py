@@ -128,4 +128,24 @@ def test_a_cascade_alone_reports_its_comparison_checks_as_skipped():
     assert set(diagnosis.skipped) == {
         "iterative_weaker_than_single_step", "non_gradient_beats_white_box",
         "large_eps_not_broken", "zero_input_gradient", "flat_loss_along_gradient",
+        "discontinuous_loss",
     }  # fmt: skip
+
+
+def test_a_discontinuous_model_is_flagged_and_a_continuous_one_not():
+    """A jump across a threshold that the data straddle (k-WTA-like), against the same model
+    made continuous: only the first jumps over small steps."""
+    x, y, protos = toy_data(64, seed=9)
+    templates = np.asarray(2.0 * protos - 1.0, np.float32).T
+
+    def make(step):
+        def logits_fn(v):
+            v = v.reshape(v.shape[0], -1)
+            h = v + 0.5 * (v > 0.5 + 0.01 * np.arange(64)) if step else v
+            return h @ templates
+
+        return toy_models(logits_fn)
+
+    for step in (True, False):
+        stats = diagnostics.gradient_statistics(make(step), x, y, eps=0.5, key=0)
+        assert (stats["jump_share"] > 0.05) == step, stats
