@@ -287,15 +287,24 @@ def test_nvcc_builds_for_sm_90_and_the_call_lowers_for_cuda(tmp_path, monkeypatc
     assert lazy_build.digest_ok(path) and path.parent == tmp_path
     assert kwta_cuda.build_library(arch="90") == path  # cached: same content, same file
     kwta_cuda._register(path)  # loads without a GPU (static CUDA runtime)
-    for target, call in ((kwta_cuda.SELECT_TARGET, kwta_cuda._select_call),
-                         (kwta_cuda.FORWARD_TARGET, kwta_cuda._forward_call)):  # fmt: skip
+    monkeypatch.setattr(kwta_cuda, "_ensure_registered", lambda: None)  # as on a CUDA GPU
+
+    def op(x2d):  # the op layer's contract: the selector on stop_gradient-ed input
+        th = kwta_cuda.cuda_threshold_keys(jax.lax.stop_gradient(x2d), 6553)
+        return where_bits(rank_keys(x2d) >= th[:, None], x2d)
+
+    programs = {
+        kwta_cuda.SELECT_TARGET: jax.grad(lambda x: jnp.vdot(op(x), x).astype(jnp.float32)),
+        kwta_cuda.FORWARD_TARGET: lambda x: kwta_cuda.cuda_kwta_forward(x, 6553, True),
+    }
+    for target, fn in programs.items():
         for dtype in (jnp.float32, jnp.bfloat16):
             exp = export.export(
-                jax.jit(lambda x, call=call: call(x, 6553, False)),
+                jax.jit(fn),
                 platforms=["cuda"],
                 disabled_checks=[export.DisabledSafetyCheck.custom_call(target)],
             )(jax.ShapeDtypeStruct((128, 65536), dtype))
-            assert f"custom_call @{target}" in exp.mlir_module()
+            assert exp.mlir_module().count(f"custom_call @{target}") == 1
 
 
 def test_the_build_cache_is_content_keyed_validated_and_atomic(tmp_path):
