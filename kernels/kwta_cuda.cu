@@ -140,7 +140,7 @@ __device__ __forceinline__ void ForEachInRow(const Bits* __restrict__ row, int64
 }
 
 // y = where(key >= threshold, x, +0) on bit patterns, 16 bytes at a time where x and y are
-// aligned alike (they are: same offset of same-shaped buffers).
+// aligned alike (XLA's buffers are, so rows at the same offset are), else one at a time.
 template <typename Fmt, int kThreads>
 __device__ __forceinline__ void WriteRow(const typename Fmt::Bits* __restrict__ row,
                                          typename Fmt::Bits* __restrict__ out, int64_t n,
@@ -149,6 +149,10 @@ __device__ __forceinline__ void WriteRow(const typename Fmt::Bits* __restrict__ 
   constexpr int kVec = 16 / sizeof(Bits);
   const int64_t tid = threadIdx.x;
   auto keep = [&](Bits bits) { return RankKey<Fmt>(bits, use_abs) >= threshold ? bits : Bits(0); };
+  if ((reinterpret_cast<uintptr_t>(row) - reinterpret_cast<uintptr_t>(out)) % 16 != 0) {
+    for (int64_t i = tid; i < n; i += kThreads) out[i] = keep(row[i]);
+    return;
+  }
   const uintptr_t misalign = reinterpret_cast<uintptr_t>(row) % 16;
   int64_t head = misalign ? int64_t((16 - misalign) / sizeof(Bits)) : 0;
   if (head > n) head = n;
