@@ -116,62 +116,64 @@ __device__ __forceinline__ typename Fmt::Bits RankKey(typename Fmt::Bits bits, b
   return is_nan ? Bits(~Bits(0)) : key;
 }
 
-// Calls f(i, bits) for each element i of row [0, n) that this thread owns, loading 16 bytes at
-// a time between an unaligned head and tail.
-template <int kThreads, typename Bits, typename Fn>
-__device__ __forceinline__ void ForEachInRow(const Bits* __restrict__ row, int64_t n, Fn&& f) {
+// Splits row [0, n) into an unaligned head, 16-byte words and a tail: calls scalar(i) for this
+// thread's head and tail elements and word(v, first) for its words (word v holds elements
+// first + v * (16 / sizeof(Bits)) onwards).
+template <int kThreads, typename Bits, typename Scalar, typename Word>
+__device__ __forceinline__ void SplitRow(const Bits* row, int64_t n, Scalar&& scalar,
+                                         Word&& word) {
   constexpr int kVec = 16 / sizeof(Bits);
   const int64_t tid = threadIdx.x;
   const uintptr_t misalign = reinterpret_cast<uintptr_t>(row) % 16;
   int64_t head = misalign ? int64_t((16 - misalign) / sizeof(Bits)) : 0;
   if (head > n) head = n;
-  for (int64_t i = tid; i < head; i += kThreads) f(i, row[i]);
-  const int64_t vectors = (n - head) / kVec;
-  const uint4* body = reinterpret_cast<const uint4*>(row + head);
+  for (int64_t i = tid; i < head; i += kThreads) scalar(i);
+  const int64_t words = (n - head) / kVec;
 #pragma unroll 4
-  for (int64_t v = tid; v < vectors; v += kThreads) {
-    const uint4 word = body[v];
-    Bits parts[kVec];
-    memcpy(parts, &word, sizeof(word));
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) f(head + v * kVec + j, parts[j]);
-  }
-  for (int64_t i = head + vectors * kVec + tid; i < n; i += kThreads) f(i, row[i]);
+  for (int64_t v = tid; v < words; v += kThreads) word(v, head);
+  for (int64_t i = head + words * kVec + tid; i < n; i += kThreads) scalar(i);
 }
 
-// y = where(key >= threshold, x, +0) on bit patterns, 16 bytes at a time where x and y are
-// aligned alike (XLA's buffers are, so rows at the same offset are), else one at a time.
+// Calls f(i, bits) for each element i of the row that this thread owns, 16 bytes per load.
+template <int kThreads, typename Bits, typename Fn>
+__device__ __forceinline__ void ForEachInRow(const Bits* __restrict__ row, int64_t n, Fn&& f) {
+  constexpr int kVec = 16 / sizeof(Bits);
+  SplitRow<kThreads>(
+      row, n, [&](int64_t i) { f(i, row[i]); },
+      [&](int64_t v, int64_t first) {
+        const uint4 word = reinterpret_cast<const uint4*>(row + first)[v];
+        Bits parts[kVec];
+        memcpy(parts, &word, sizeof(word));
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) f(first + v * kVec + j, parts[j]);
+      });
+}
+
+// y = where(key >= threshold, x, +0) on bit patterns, 16 bytes per load and store where x and
+// y are aligned alike (XLA's buffers are, so rows at the same offset are), else one at a time.
 template <typename Fmt, int kThreads>
 __device__ __forceinline__ void WriteRow(const typename Fmt::Bits* __restrict__ row,
                                          typename Fmt::Bits* __restrict__ out, int64_t n,
                                          typename Fmt::Bits threshold, bool use_abs) {
   using Bits = typename Fmt::Bits;
   constexpr int kVec = 16 / sizeof(Bits);
-  const int64_t tid = threadIdx.x;
   auto keep = [&](Bits bits) { return RankKey<Fmt>(bits, use_abs) >= threshold ? bits : Bits(0); };
   if ((reinterpret_cast<uintptr_t>(row) - reinterpret_cast<uintptr_t>(out)) % 16 != 0) {
-    for (int64_t i = tid; i < n; i += kThreads) out[i] = keep(row[i]);
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) out[i] = keep(row[i]);
     return;
   }
-  const uintptr_t misalign = reinterpret_cast<uintptr_t>(row) % 16;
-  int64_t head = misalign ? int64_t((16 - misalign) / sizeof(Bits)) : 0;
-  if (head > n) head = n;
-  for (int64_t i = tid; i < head; i += kThreads) out[i] = keep(row[i]);
-  const int64_t vectors = (n - head) / kVec;
-  const uint4* body = reinterpret_cast<const uint4*>(row + head);
-  uint4* out_body = reinterpret_cast<uint4*>(out + head);
-#pragma unroll 4
-  for (int64_t v = tid; v < vectors; v += kThreads) {
-    const uint4 word = body[v];
-    Bits parts[kVec];
-    memcpy(parts, &word, sizeof(word));
+  SplitRow<kThreads>(
+      row, n, [&](int64_t i) { out[i] = keep(row[i]); },
+      [&](int64_t v, int64_t first) {
+        const uint4 word = reinterpret_cast<const uint4*>(row + first)[v];
+        Bits parts[kVec];
+        memcpy(parts, &word, sizeof(word));
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) parts[j] = keep(parts[j]);
-    uint4 result;
-    memcpy(&result, parts, sizeof(result));
-    out_body[v] = result;
-  }
-  for (int64_t i = head + vectors * kVec + tid; i < n; i += kThreads) out[i] = keep(row[i]);
+        for (int j = 0; j < kVec; ++j) parts[j] = keep(parts[j]);
+        uint4 result;
+        memcpy(&result, parts, sizeof(result));
+        reinterpret_cast<uint4*>(out + first)[v] = result;
+      });
 }
 
 // One block per row: th[row] = the row's k-th largest key; with kWriteY also y's row.
