@@ -2,23 +2,17 @@
 
 ``python -m kwta_jax.gpu_check [--out DIR]`` on a GPU (``scripts/gpu_check.sh`` runs it from a
 bare checkout). Each stage writes ``DIR/<stage>.json`` atomically as it goes, within its share
-of ``--budget-s`` (what does not fit is recorded as skipped):
-
-* ``info``: device, versions, nominal memory bandwidth, the CUDA kernel's build.
-* ``exactness``: the selectors (``pallas``, ``cuda``, the fused ``cuda`` forward) against the
-  `lax.top_k` reference bit for bit (ties, ±0, ±inf, NaN, subnormals, 3 dtypes, rows up to 2^20
-  and past 2^24 keys, the CUDA kernel's buffer and overflow routes); the op with every
-  implementation and ``auto`` (forward, grad, JVP of grad, ``jax.shard_map``).
-* ``benchmark``: ReLU, ``lax.top_k``, every implementation, the fused forward and, when
-  ``import torch`` works, ``torch.relu``, the official PyTorch k-WTA (``topk`` then threshold)
-  and ``kthvalue`` then threshold; fwd and fwd+bwd, float32 and bfloat16; GB/s (minimal
-  traffic: read x (and g), write the result) and % of the nominal bandwidth.
-* ``train_steps``: k-WTA (every layer) / ReLU train-step ratios, interleaved trials, median
-  and spread; resnet18 images/s against a PyTorch SparseResNet18.
-* ``pipeline``: ``train.py``, ``attack.py --budget strong``, ``es`` with ``--es-full``.
-
-Exit status 1 on a mismatch. Without a GPU it refuses (exit 2) unless ``--dry-run``: tiny sizes
-on any backend (interpret mode on CPU), which CI runs.
+of ``--budget-s`` (what does not fit is recorded as skipped): ``info`` (device, versions, the
+CUDA kernel's build); ``exactness`` (the selectors and the fused CUDA forward against
+`lax.top_k`, bit for bit, on ties, ±0, ±inf, NaN, subnormals, 3 dtypes, long rows and the CUDA
+kernel's routes; the op with every implementation and ``auto``: forward, grad, JVP of grad,
+``jax.shard_map``); ``benchmark`` (ReLU, ``lax.top_k``, every implementation, the fused
+forward, and PyTorch's relu, official k-WTA and ``kthvalue`` k-WTA when ``import torch``
+works; fwd and fwd+bwd, float32 and bfloat16; GB/s of the minimal traffic and % of nominal
+bandwidth); ``train_steps`` (k-WTA / ReLU step ratios, interleaved trials; resnet18 images/s
+against a PyTorch SparseResNet18); ``pipeline`` (``train.py``, ``attack.py --budget strong``,
+``es --es-full``). Exit status 1 on a mismatch or a crashed stage. Without a GPU it refuses
+(exit 2) unless ``--dry-run``: tiny sizes on any backend (interpret mode on CPU), as CI runs.
 """
 
 from __future__ import annotations
@@ -33,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -111,9 +106,15 @@ class Stage:
     def late(self) -> bool:
         return time.perf_counter() > self.deadline
 
-    def check(self, label: str, ok: bool) -> None:
-        self.records.append(dict(case=label, exact=bool(ok)))
-        if not ok:
+    def check(self, label: str, test: Callable[..., bool], *args) -> None:
+        """Records whether ``test(*args)`` holds; an exception fails it, and the run goes on."""
+        try:
+            exact = bool(test(*args))
+        except Exception as e:  # noqa: BLE001 - one failure must not end the run
+            exact = False
+            self.log(f"ERROR {label}: {e!r}"[:500])
+        self.records.append(dict(case=label, exact=exact))
+        if not exact:
             self.mismatches.append(label)
             self.log(f"MISMATCH {label}")
 
@@ -137,9 +138,6 @@ _reference = jax.jit(threshold_keys_reference, static_argnums=(1, 2))
 @functools.partial(jax.jit, static_argnums=2)
 def _masked(x2d, th, use_abs):
     return where_bits(rank_keys(x2d, use_abs) >= th[:, None], x2d)
-
-
-# Stage: exactness.
 
 
 def _case_data(shape, dtype, seed: int) -> jax.Array:
@@ -177,17 +175,23 @@ def _check_selectors(stage: Stage, label: str, x, selectors: dict, ks) -> None:
     for k, use_abs in ks:
         want = _reference(x, k, use_abs)
         for name, select in selectors.items():
-            ok = np.array_equal(select(x, k, use_abs), want)
-            stage.check(f"{name} {label} k={k} abs={use_abs}", ok)
+            stage.check(f"{name} {label} k={k} abs={use_abs}", _same, select, (x, k, use_abs), want)
         if "cuda" in selectors:
-            y, th = kwta_cuda.cuda_kwta_forward(x, k, use_abs)
-            ok = np.array_equal(th, want) and np.array_equal(
-                _bits(y), _bits(_masked(x, want, use_abs))
-            )
-            stage.check(f"cuda forward {label} k={k} abs={use_abs}", ok)
+            stage.check(f"cuda forward {label} k={k} abs={use_abs}", _forward_exact, x, k, use_abs,
+                        want)  # fmt: skip
 
 
-def stage_exactness(out: Path, sizes: dict, interpret: bool, deadline: float, log) -> dict:
+def _same(fn: Callable, args: tuple, want) -> bool:
+    """``fn(*args)`` has the bit pattern of ``want``."""
+    return np.array_equal(_bits(fn(*args)), _bits(want))
+
+
+def _forward_exact(x, k, use_abs, want) -> bool:
+    y, th = kwta_cuda.cuda_kwta_forward(x, k, use_abs)
+    return np.array_equal(th, want) and _same(_masked, (x, want, use_abs), y)
+
+
+def stage_exactness(out: Path, sizes: dict, *, interpret: bool, deadline: float, log) -> dict:
     stage = Stage("exactness", out, log, deadline)
     selectors = {"pallas": functools.partial(pallas_threshold_keys, interpret=interpret)}
     if kwta_cuda.cuda_kernel_available():
@@ -227,19 +231,16 @@ def _check_op(stage: Stage, interpret: bool) -> None:
         )[1],
     }
     fns = {name: jax.jit(fn, static_argnums=1) for name, fn in fns.items()}
-    want = {name: _bits(fn(x, "topk")) for name, fn in fns.items()}
+    want = {name: fn(x, "topk") for name, fn in fns.items()}
     mesh = Mesh(np.asarray(jax.local_devices()), ("b",))
     impls = _op_impls()
     for impl in impls + ([] if ops.resolve_impl("auto") in impls else ["auto"]):
         for name, fn in fns.items():
-            stage.check(f"op {impl} {name}", np.array_equal(_bits(fn(x, impl)), want[name]))
+            stage.check(f"op {impl} {name}", _same, fn, (x, impl), want[name])
         if not interpret:  # interpret mode cannot run inside shard_map
             op = functools.partial(ops.kwta, ratio=0.2, impl=impl)
             f = jax.jit(jax.shard_map(op, mesh=mesh, in_specs=P("b"), out_specs=P("b")))
-            stage.check(f"op {impl} shard_map", np.array_equal(_bits(f(x)), want["forward"]))
-
-
-# Stage: benchmark.
+            stage.check(f"op {impl} shard_map", _same, f, (x,), want["forward"])
 
 
 def _jax_fn(impl: str, ratio: float, mode: str) -> Callable:
@@ -268,7 +269,7 @@ def _nominal_gbps(device_kind: str) -> float | None:
     return next((v for name, v in NOMINAL_GBPS if name in device_kind), None)
 
 
-def stage_benchmark(out: Path, sizes: dict, deadline: float, log) -> dict:
+def stage_benchmark(out: Path, sizes: dict, *, deadline: float, log) -> dict:
     stage = Stage("benchmark", out, log, deadline)
     nominal = _nominal_gbps(jax.devices()[0].device_kind)
     impls = ["relu"] + [i for i in ("topk", "select", "cpu", "pallas") if i in _op_impls()]
@@ -320,10 +321,7 @@ def _time_row(row: dict, earlier: list[dict], impls, x, g, repeats: int) -> None
                 row[f"{impl} % nominal"] = 100 * row[f"{impl} GB/s"] / row["nominal_gbps"]
 
 
-# Stage: train steps.
-
-
-def stage_train_steps(out: Path, sizes: dict, deadline: float, log) -> dict:
+def stage_train_steps(out: Path, sizes: dict, *, deadline: float, log) -> dict:
     stage = Stage("train_steps", out, log, deadline)
     b = sizes["batch"]
     common = dict(ratio=0.1, kwta_scope="all", dataset="cifar10", batch_size=b)
@@ -332,7 +330,11 @@ def stage_train_steps(out: Path, sizes: dict, deadline: float, log) -> dict:
             stage.records.append(dict(model=model, skipped="time budget"))
             continue
         configs = [TrainConfig(model=model, act=a, **common) for a in ("relu", "kwta")]
-        relu, kwta = time_train_step(configs, n_steps=sizes["n_steps"], trials=sizes["trials"])
+        try:
+            relu, kwta = time_train_step(configs, n_steps=sizes["n_steps"], trials=sizes["trials"])
+        except Exception as e:  # noqa: BLE001 - recorded; the other models still run
+            stage.records.append(dict(model=model, error=repr(e)[:500]))
+            continue
         ratios = [k / r for k, r in zip(kwta, relu, strict=True)]
         stage.records.append(dict(
             model=model, impl=ops.resolve_impl("auto"), batch=b, steps=sizes["n_steps"],
@@ -346,7 +348,10 @@ def stage_train_steps(out: Path, sizes: dict, deadline: float, log) -> dict:
     torch_why = torch_baselines.unavailable()
     ours = [r["kwta_median"] for r in stage.records if r.get("model") == "resnet18"]
     if torch_why is None and ours and not stage.late():
-        ms = torch_baselines.sparse_resnet18_step_ms(b, sizes["n_steps"])
+        try:
+            ms = torch_baselines.sparse_resnet18_step_ms(b, sizes["n_steps"])
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            return stage.write(torch=torch_why or "available", torch_error=repr(e)[:500])
         stage.records.append(dict(model="torch SparseResNet18", batch=b, ms=ms,
                                   images_per_s=1000 * b / ms, ours_images_per_s=1000 * b / ours[0],
                                   ours_over_torch=ms / ours[0]))  # fmt: skip
@@ -354,10 +359,7 @@ def stage_train_steps(out: Path, sizes: dict, deadline: float, log) -> dict:
     return stage.write(torch=torch_why or "available")
 
 
-# Stage: the pipeline, as a user runs it.
-
-
-def stage_pipeline(out: Path, sizes: dict, deadline: float, log) -> dict:
+def stage_pipeline(out: Path, sizes: dict, *, deadline: float, log) -> dict:
     stage = Stage("pipeline", out, log, deadline)
     if not (REPO / "train.py").is_file():
         return stage.write(skipped=f"no train.py beside the package ({REPO})")
@@ -387,8 +389,7 @@ def stage_pipeline(out: Path, sizes: dict, deadline: float, log) -> dict:
             rc, tail = "timeout", str(e.stdout or "")[-4000:]
         record = dict(step=name, command=args, rc=rc, wall_s=time.perf_counter() - start,
                       output_tail=tail)  # fmt: skip
-        results = scratch / name / "results.json"
-        if results.is_file():
+        if (results := scratch / name / "results.json").is_file():
             record["results"] = json.loads(results.read_text())
         stage.records.append(record)
         log(f"pipeline {name}: rc={rc} in {record['wall_s']:.1f} s")
@@ -396,9 +397,6 @@ def stage_pipeline(out: Path, sizes: dict, deadline: float, log) -> dict:
         if rc != 0:
             break  # the next step needs this one's output
     return stage.write()
-
-
-# Entry point.
 
 
 def stage_info(out: Path, log) -> dict:
@@ -414,12 +412,11 @@ def stage_info(out: Path, log) -> dict:
     info.update(triton_available=triton_available(), auto=ops.resolve_impl("auto"),
                 implementations=list(ops.IMPLEMENTATIONS),
                 nominal_gbps=_nominal_gbps(info["device_kind"]))  # fmt: skip
-    query = ["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm,driver_version",
-             "--format=csv,noheader"]  # fmt: skip
+    query = "--query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader"
     try:
-        info["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True,
-                                            timeout=20).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as e:
+        smi = subprocess.run(["nvidia-smi", *query.split()], capture_output=True, text=True)
+        info["nvidia_smi"] = smi.stdout.strip()
+    except OSError as e:
         info["nvidia_smi"] = f"unavailable: {e}"
     _write_json(out / "info.json", info)
     log(f"== info: {json.dumps(info, default=str)}")
@@ -436,13 +433,17 @@ def run_checks(out: Path, *, dry_run=False, stages: Sequence[str] = (), budget_s
     mismatches = 0
     for name in [s for s in STAGES if not stages or s in stages]:
         deadline = min(end, time.perf_counter() + SHARES[name] * budget_s)
-        if name == "exactness":
-            result = stage_exactness(out, sizes, interpret, deadline, log)
-            mismatches += len(result["mismatches"])
-        else:
-            stage = {"benchmark": stage_benchmark, "train_steps": stage_train_steps,
-                     "pipeline": stage_pipeline}[name]  # fmt: skip
-            result = stage(out, sizes, deadline, log)
+        stage = {"exactness": functools.partial(stage_exactness, interpret=interpret),
+                 "benchmark": stage_benchmark, "train_steps": stage_train_steps,
+                 "pipeline": stage_pipeline}[name]  # fmt: skip
+        try:
+            result = stage(out, sizes, deadline=deadline, log=log)
+        except Exception:  # noqa: BLE001 - a crashed stage fails the run, the others still run
+            error = traceback.format_exc()[-3000:]
+            log(f"ERROR stage {name}:\n{error}")
+            result = dict(records=[], mismatches=[f"stage {name} crashed"], seconds=None)
+            _write_json(out / f"{name}.json", dict(stage=name, error=error, **result))
+        mismatches += len(result["mismatches"])
         log(f"== {name}: {len(result['records'])} records, {len(result['mismatches'])} "
             f"mismatches, {result['seconds']} s")  # fmt: skip
     log(f"== done: {mismatches} mismatches")

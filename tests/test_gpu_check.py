@@ -77,16 +77,41 @@ def test_script_refuses_a_gpu_sized_run_without_a_gpu():
     assert _repo_entries() == before
 
 
-def test_a_mismatch_is_recorded_and_fails_the_run(tmp_path, monkeypatch, capsys):
+def test_a_mismatch_or_an_error_is_recorded_and_fails_the_run(tmp_path, monkeypatch, capsys):
     stage = gpu_check.Stage("exactness", tmp_path, log=lambda m: None, deadline=float("inf"))
-    stage.check("right", True)
-    stage.check("wrong", False)
-    assert stage.mismatches == ["wrong"]
+    stage.check("right", lambda: True)
+    stage.check("wrong", lambda: False)
+    stage.check("raises", lambda: 1 / 0)  # recorded, and the checks go on
+    assert stage.mismatches == ["wrong", "raises"]
     stage.write()
-    assert json.loads((tmp_path / "exactness.json").read_text())["mismatches"] == ["wrong"]
+    assert json.loads((tmp_path / "exactness.json").read_text())["mismatches"] == [
+        "wrong",
+        "raises",
+    ]
     monkeypatch.setattr(gpu_check, "run_checks", lambda *a, **k: 1)
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path / "o")]) == 1
     assert "FAILED: 1 mismatches" in capsys.readouterr().err
+
+
+def test_a_crashed_stage_fails_the_run_and_the_others_still_run(tmp_path, monkeypatch):
+    ran = []
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    def pipeline(out, sizes, *, deadline, log):
+        ran.append("pipeline")
+        return gpu_check.Stage("pipeline", out, log, deadline).write()
+
+    monkeypatch.setattr(gpu_check, "stage_benchmark", crash)
+    monkeypatch.setattr(gpu_check, "stage_pipeline", pipeline)
+    assert gpu_check.run_checks(tmp_path, dry_run=True, stages=["benchmark", "pipeline"],
+                                log=lambda m: None) == 1  # fmt: skip
+    assert ran == ["pipeline"]
+    crashed = json.loads((tmp_path / "benchmark.json").read_text())
+    assert (
+        crashed["mismatches"] == ["stage benchmark crashed"] and "out of memory" in crashed["error"]
+    )
 
 
 def test_the_default_output_is_outside_the_repository(monkeypatch, capsys):
