@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import pytest
 
 from kwta_jax import gpu_check
+from kwta_jax.config import TrainConfig
+from kwta_jax.training import time_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -137,3 +139,8 @@ def test_bandwidth_nominal_and_edge_cases():
     assert gpu_check._bits(
         gpu_check._masked(x, gpu_check._reference(x, 2, False), False)
     ).tolist() == [[0x3F800000, 0, 0, 0x40000000]]
+
+
+def test_time_train_step_rejects_bad_counts():
+    with pytest.raises(ValueError, match="n_steps and trials must be >= 1"):
+        time_train_step(TrainConfig(model="mlp"), n_steps=0)
