@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "kwta_jax.experiments": 4,
     "kwta_jax.diagnostics": 5,
     "kwta_jax.gpu_check": 5,
+    "kwta_jax.torch_baselines": 2,
     "kwta_jax.robustness": 6,
     "kwta_jax.reports": 6,
     "kwta_jax.multihost": 5,
