@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kwta_jax import data, diagnostics, evaluation, reports, runs, sharding
+from kwta_jax.atomic import write_json_atomic
 from kwta_jax.multihost import is_primary
 from kwta_jax.progress import MakeBar
 
@@ -187,13 +188,14 @@ def evaluate_run_dirs(
         )  # fmt: skip
         results.append(res)
         payload["runs"].append(res.to_dict())
-        if primary:
-            reports.plot_examples(res, out / f"examples_{run.name}.png")
     if not primary:
         return payload
-    reports.plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
-    runs.write_json_atomic(out / "results.json", payload)  # never a truncated results.json
+    # Each file whole or not at all (a full disk keeps the old one); the results first.
+    write_json_atomic(out / "results.json", payload)
     reports.save_per_image(results, out / "results_per_image.npz")
+    reports.plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
+    for run, res in zip(loaded, results, strict=True):
+        reports.plot_examples(res, out / f"examples_{run.name}.png")
     log(
         f"\nwrote {out / 'results.json'}, {out / 'results_per_image.npz'}, "
         f"{out / 'accuracy_vs_eps.png'} and example grids"
