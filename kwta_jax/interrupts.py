@@ -43,12 +43,20 @@ _state = {"message": None, "depth": 0, "pending": None, "exiting": False}
 _cleanups: list[Callable[[], None]] = []  # `on_exit`, newest last
 
 
-def exit_now(status: int, line: str | None = None) -> None:
-    """Flushes stdout/stderr, prints ``line`` on stderr (on a line of its own) and leaves the
-    process with ``status`` at once (``os._exit``: no interpreter shutdown, no atexit)."""
+def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+
+
+def exit_now(status: int, line: str | None = None) -> None:
+    """Flushes stdout/stderr, prints ``line`` on stderr (on a line of its own) and leaves the
+    process with ``status`` at once (``os._exit``: no interpreter shutdown, no atexit)."""
+    # Flushing waits for the stream's lock, which the main thread may hold while it is blocked
+    # on a full pipe: flush from a helper thread and give it a second, no more.
+    flusher = threading.Thread(target=_flush, name="kwta-jax-flush", daemon=True)
+    flusher.start()
+    flusher.join(timeout=1.0)
     if line:
         with contextlib.suppress(OSError):
             os.write(2, ("\n" + line + "\n").encode(errors="replace"))
