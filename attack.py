@@ -167,7 +167,9 @@ def main(argv=None) -> int:
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else Path(args.run_dir) / "attack"
     try:
-        # Before loading anything: the results must be writable (default: RUN_DIR/attack).
+        # Before loading anything: runs to attack, and a place for the results that can be
+        # written (default: RUN_DIR/attack).
+        runs.find_run_dirs(args.run_dir)
         runs.check_writable(out)
         multihost.initialize(args.distributed, hint="Start every process again.")
         with runs.locked(out):  # one writer per output directory

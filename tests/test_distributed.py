@@ -251,7 +251,7 @@ def test_a_killed_process_is_named_and_the_run_resumes(tmp_path):
     """kill -9 of process 1 after the first checkpoint: process 0 names it in one line within
     seconds (--peer-timeout 3), and both processes started again with --resume finish."""
     out = tmp_path / "two"
-    procs = _start_two(out, "--epochs", "20", "--peer-timeout", "3")
+    procs = _start_two(out, "--epochs", "8", "--peer-timeout", "3")
     try:
         deadline = time.monotonic() + 180
         while not (out / "kwta" / "checkpoints" / "1").is_dir():
@@ -271,7 +271,7 @@ def test_a_killed_process_is_named_and_the_run_resumes(tmp_path):
     line = _one_error_line(err)
     assert "process 1 of 2 stopped" in line and "--resume" in line
     assert waited < 30  # bounded by --peer-timeout (JAX alone: ~100 s, then SIGABRT)
-    outputs = _finish(_start_two(out, "--epochs", "20", "--resume"))
+    outputs = _finish(_start_two(out, "--epochs", "8", "--resume"))
     assert all("resumed after epoch" in o for o, _ in outputs)
     history = [json.loads(x) for x in (out / "kwta" / "metrics.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == list(range(1, 21))
+    assert [h["epoch"] for h in history] == list(range(1, 9))

@@ -93,6 +93,9 @@ CATALOGUE = {
     "issue 19: RunCheckpoints, scoped hooks": [
         "test_checkpointing.py::test_run_checkpoints_quiets_abandoned_io_only_while_open",
     ],
+    "kept: Ctrl-C after an epoch says how to resume": [
+        "test_signals.py::test_ctrl_c_after_an_epoch_says_how_to_resume",
+    ],
     "kept: kill -9 during a save, an evaluation, attack.py's write": [
         "test_faults.py::test_kill_9_during_a_checkpoint_write_keeps_the_previous_one",
         "test_faults.py::test_kill_9_during_evaluation_resumes_without_retraining",
@@ -158,7 +161,8 @@ resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
 """
 
 
-def _patched(cli: str, patch: str, argv: list) -> subprocess.CompletedProcess:
+def patched_cli(cli: str, patch: str, argv: list) -> subprocess.CompletedProcess:
+    """``CLI.main(argv)`` in a subprocess after ``patch`` (Python source) ran."""
     code = _PATCHED_MAIN.format(repo=str(REPO), patch=patch, cli=cli, argv=list(map(str, argv)))
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=240)  # fmt: skip
@@ -193,7 +197,7 @@ def _main_error(capsys, main, argv, prog="train.py") -> str:
 def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     out = tmp_path / "runs"
     argv = [*SMALL, "--epochs", "2", "--act", "kwta", "--out", str(out)]
-    killed = _patched("train", _KILL_AT_STEP_2_RENAME, argv)
+    killed = patched_cli("train", _KILL_AT_STEP_2_RENAME, argv)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run = out / "kwta"
     assert _steps(run) == [1]  # the half-written step 2 is not a checkpoint
@@ -206,7 +210,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
 def test_kill_9_during_evaluation_resumes_without_retraining(tmp_path, capsys):
     out = tmp_path / "runs"
     argv = [*SMALL, "--epochs", "2", "--out", str(out)]
-    killed = _patched("train", _KILL_IN_KWTA_EVALUATION, argv)
+    killed = patched_cli("train", _KILL_IN_KWTA_EVALUATION, argv)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / "summary.json").exists()
     metrics = {act: (out / act / "metrics.jsonl").read_bytes() for act in ("relu", "kwta")}
@@ -227,7 +231,7 @@ def test_kill_9_while_attack_py_writes_leaves_the_old_results(run_copy):
     results = run_copy / "attack" / "results.json"
     results.parent.mkdir()
     results.write_text('{"old": true}\n')
-    killed = _patched("attack", _KILL_AT_RESULTS_RENAME, [run_copy, *_ATTACK])
+    killed = patched_cli("attack", _KILL_AT_RESULTS_RENAME, [run_copy, *_ATTACK])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert json.loads(results.read_text()) == {"old": True}  # the old file, whole
 
@@ -244,7 +248,7 @@ def test_a_full_disk_on_resume_is_one_line_and_changes_nothing(run_copy):
     checkpoints are as they were, the partial step is gone."""
     before = tree_hash(run_copy)
     argv = [*SMALL, "--epochs", "3", "--resume", "--out", run_copy]
-    proc = _patched("train", _FILE_SIZE_LIMIT.format(limit=1_000_000), argv)
+    proc = patched_cli("train", _FILE_SIZE_LIMIT.format(limit=1_000_000), argv)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr, "train.py")
     assert "cannot write checkpoint 3" in line and "File too large" in line and "intact" in line
@@ -296,7 +300,7 @@ def test_attack_py_under_a_file_size_limit_leaves_only_whole_files(run_copy):
     old = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {"results.json", "accuracy_vs_eps.png", "examples_kwta.png"} <= set(old)
     argv = [run_copy, *_ATTACK, "--eps", "0.2"]
-    proc = _patched("attack", _FILE_SIZE_LIMIT.format(limit=30_000), argv)
+    proc = patched_cli("attack", _FILE_SIZE_LIMIT.format(limit=30_000), argv)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "File too large" in one_error_line(proc.stderr, "attack.py")
     assert sorted(p.name for p in out.iterdir()) == sorted(old)  # no temporary file left

@@ -6,6 +6,7 @@ swallowed while the run goes on. The policy itself is tested on its own first (n
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_cli_errors import SMALL, tree_hash
+from test_faults import patched_cli as _patched
 
 from kwta_jax import runs
 from kwta_jax.checkpointing import RunCheckpoints
@@ -76,14 +78,6 @@ def test_the_policy_defers_to_the_end_of_a_section(mode, status, finished):
 # train.py and attack.py.
 # --------------------------------------------------------------------------------------------
 
-_PATCHED = r"""
-import os, signal, sys
-sys.path.insert(0, {repo!r})
-{patch}
-import {cli}
-sys.exit({cli}.main({argv!r}))
-"""
-
 # SIGINT to this process inside the first XLA compilation (C++ on the main thread).
 _CTRL_C_IN_FIRST_COMPILE = r"""
 from jax._src import compiler
@@ -105,12 +99,6 @@ RunCheckpoints.save = save
 """
 
 
-def _patched(cli: str, patch: str, argv: list[str]) -> subprocess.CompletedProcess:
-    code = _PATCHED.format(repo=str(REPO), patch=patch, cli=cli, argv=[str(a) for a in argv])
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=240)  # fmt: skip
-
-
 def _sigint_blocked(pid: int) -> bool:
     """Whether process ``pid`` blocks SIGINT now (/proc/PID/status, SigBlk)."""
     try:
@@ -121,16 +109,13 @@ def _sigint_blocked(pid: int) -> bool:
     return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
 
 
-@pytest.mark.slow
-def test_ctrl_c_during_the_imports_is_held_until_the_policy_is_installed(tmp_path):
-    out = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "train.py", *SMALL, "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+def _interrupt_train_py(argv: list, when) -> tuple[subprocess.Popen, str]:
+    """``python train.py ARGV``, SIGINT once ``when(proc)`` returns; ``(proc, stderr)``."""
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, argv)], cwd=REPO,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while not _sigint_blocked(proc.pid):  # train.py's first lines ran: imports under way
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.001)
+        when(proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -138,6 +123,20 @@ def test_ctrl_c_during_the_imports_is_held_until_the_policy_is_installed(tmp_pat
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err[-3000:]
+    return proc, err
+
+
+def _imports_under_way(proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while not _sigint_blocked(proc.pid):  # train.py's first lines ran: imports under way
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_imports_is_held_until_the_policy_is_installed(tmp_path):
+    out = tmp_path / "runs"
+    _, err = _interrupt_train_py([*SMALL, "--out", out], _imports_under_way)
     assert "--resume" in _assert_one_interrupted_line(err)
     assert not out.exists()
 
@@ -149,19 +148,8 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(tmp_path, delay):
     first compilation, training, a save), the same line and status, and what was saved
     resumes."""
     out = tmp_path / "runs"
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *SMALL, "--epochs", "500", "--act", "relu", "--out", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    time.sleep(delay)
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err[-3000:]
+    argv = [*SMALL, "--epochs", "500", "--act", "relu", "--out", out]
+    _, err = _interrupt_train_py(argv, lambda proc: time.sleep(delay))
     _assert_one_interrupted_line(err)
     run = out / "relu"
     if (run / "checkpoints").is_dir():  # what was saved is consistent and resumes
@@ -170,6 +158,21 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(tmp_path, delay):
         if steps:
             assert runs.check_resumable(run) == steps[-1]
             assert len((run / "metrics.jsonl").read_text().splitlines()) == steps[-1]
+
+
+def _after_epoch_1(proc: subprocess.Popen) -> None:
+    for line in proc.stdout:
+        if "epoch 1/50" in line:
+            return
+
+
+@pytest.mark.slow
+def test_ctrl_c_after_an_epoch_says_how_to_resume(tmp_path):
+    out = tmp_path / "runs"
+    argv = [*SMALL, "--epochs", "50", "--act", "relu", "--out", out]
+    _, err = _interrupt_train_py(argv, _after_epoch_1)
+    assert "--resume" in _assert_one_interrupted_line(err)
+    assert (out / "relu" / "checkpoints" / "1").is_dir()
 
 
 @pytest.mark.slow
