@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from kwta_jax import attack_workflow, flags, interrupts, multihost, runs
 from kwta_jax.attacks import ES_SCHEDULE
-from kwta_jax.checkpointing import CheckpointError
+from kwta_jax.checkpointing import CheckpointError, quiet_abandoned_io
 from kwta_jax.config import ConfigError
 from kwta_jax.runs import RunDirError
 from kwta_jax.suites import (
@@ -201,4 +201,6 @@ def _error(e) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # orbax's abandoned writes after a failed save report themselves until the very end.
+    with quiet_abandoned_io(for_process=True):
+        sys.exit(main())

@@ -34,7 +34,7 @@ import sys
 from tqdm.auto import tqdm
 
 from kwta_jax import experiment_workflow, flags, interrupts, multihost, train_workflow
-from kwta_jax.checkpointing import CheckpointError
+from kwta_jax.checkpointing import CheckpointError, quiet_abandoned_io
 from kwta_jax.config import ConfigError, TrainConfig
 from kwta_jax.data import DatasetUnavailableError
 from kwta_jax.experiments import (
@@ -258,4 +258,6 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # orbax's abandoned writes after a failed save report themselves until the very end.
+    with quiet_abandoned_io(for_process=True):
+        sys.exit(main())

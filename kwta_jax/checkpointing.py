@@ -47,7 +47,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -172,11 +172,9 @@ def _is_closed_loop_report(unraisable) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
-@contextlib.contextmanager
-def quiet_abandoned_io() -> Iterator[None]:
-    """While open: drops the reports of orbax's abandoned reads and writes (see the module
-    docstring) from `sys.unraisablehook` and the ``asyncio`` / ``absl`` loggers; every other
-    report passes. Restores the previous hook on exit (unless someone replaced it since)."""
+def _install_quiet_abandoned_io() -> Callable[[], None]:
+    """Installs the filters of `quiet_abandoned_io`; returns the function that removes them
+    (and restores the previous hook, unless someone replaced it since)."""
     notice, loggers = _AbandonedIoNotice(), [logging.getLogger(n) for n in ("asyncio", "absl")]
     previous = sys.unraisablehook
 
@@ -187,13 +185,29 @@ def quiet_abandoned_io() -> Iterator[None]:
     for logger in loggers:
         logger.addFilter(notice)
     sys.unraisablehook = hook
-    try:
-        yield
-    finally:
+
+    def remove() -> None:
         for logger in loggers:
             logger.removeFilter(notice)
         if sys.unraisablehook is hook:
             sys.unraisablehook = previous
+
+    return remove
+
+
+@contextlib.contextmanager
+def quiet_abandoned_io(*, for_process: bool = False) -> Iterator[None]:
+    """While open: drops the reports of orbax's abandoned reads and writes (see the module
+    docstring) from `sys.unraisablehook` and the ``asyncio`` / ``absl`` loggers; every other
+    report passes. ``for_process=True`` (for a CLI's ``__main__``, whose process ends inside
+    the block): the filters stay to the end, also for the reports that arrive while the
+    interpreter shuts down."""
+    remove = _install_quiet_abandoned_io()
+    try:
+        yield
+    finally:
+        if not for_process:
+            remove()
 
 
 class RunCheckpoints:

@@ -113,14 +113,14 @@ def test_the_catalogue_names_tests_that_exist():
             assert name in names, f"{case}: {test} does not exist"
 
 
-# Runs a CLI's main with a patch applied first (a hook that kills the process at the fault,
-# or a resource limit).
+# Runs a CLI as `python CLI.py ARGV` does (its __main__ block), with a patch applied first (a
+# hook that kills the process at the fault, or a resource limit).
 _PATCHED_MAIN = r"""
-import os, signal, sys
+import os, runpy, signal, sys
 sys.path.insert(0, {repo!r})
 {patch}
-import {cli}
-sys.exit({cli}.main({argv!r}))
+sys.argv = [{cli!r} + ".py", *{argv!r}]
+runpy.run_path(os.path.join({repo!r}, {cli!r} + ".py"), run_name="__main__")
 """
 
 _KILL_AT_STEP_2_RENAME = r"""
