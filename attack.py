@@ -185,6 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         # No run there, a run that cannot be loaded, its dataset is not here, an output
         # directory that cannot be written (read-only, full, in use): one line, no traceback.
         # Every file is replaced atomically, so an older one survives a failed write.
+        multihost.wait_for_lost_peer()  # multi-host: or a lost process, named by the watchdog
         return _error(e)
     except Exception as e:
         if args.distributed is None:

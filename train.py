@@ -242,7 +242,9 @@ def _run(args) -> int:
         return _error(e)
     except (CheckpointError, OSError) as e:
         # A checkpoint that cannot be read or written, a full disk, a directory that became
-        # unwritable: the finished epochs' checkpoints are intact.
+        # unwritable: the finished epochs' checkpoints are intact. Multi-host, the cause may be
+        # a lost process: the watchdog names it.
+        multihost.wait_for_lost_peer()
         return _error(f"{e} (the checkpoints of the finished epochs are intact)")
     except Exception as e:
         if args.distributed is None:

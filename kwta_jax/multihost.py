@@ -79,11 +79,12 @@ def leave(status: int, line: str | None = None) -> None:
 
 
 def wait_for_lost_peer() -> None:
-    """After an error in a multi-host run (a collective fails when a peer dies): gives the
-    watchdog the time to name the lost process (it then ends this one with its line); returns
-    if no process is lost."""
+    """After an error in a multi-host run (a collective or a checkpoint save fails when a peer
+    dies): gives the watchdog the time to name the lost process (it then ends this one with its
+    line). Returns as soon as every other process has sent a heartbeat since the error (they
+    live: the error is this process's own), at most 1.5 peer timeouts later."""
     for watchdog in _watchdogs:
-        watchdog.stopped.wait(watchdog.timeout * 1.5)
+        watchdog.wait_for_news()
 
 
 def _fail(message: str) -> None:
@@ -129,6 +130,9 @@ class _Watchdog:
         self.me, self.n = jax.process_index(), jax.process_count()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="kwta-jax-watchdog", daemon=True)
+        # Per other process: its last heartbeat value and when it changed (gone once "done").
+        self.seen = {p: (None, time.monotonic()) for p in range(self.n) if p != self.me}
+        self.news = threading.Condition()
 
     def start(self) -> None:
         self.thread.start()
@@ -145,8 +149,24 @@ class _Watchdog:
         except Exception:  # noqa: BLE001,S110 - the coordinator is already gone: nothing to tell
             pass
 
+    def wait_for_news(self) -> None:
+        """Waits until every other process is known to be alive now (or done): its heartbeat
+        counter 3 beats past the one last seen (one beat could have been written just before
+        it died, and seen only now), at most 1.5 timeouts (a lost one is declared, and this
+        process ended, before that)."""
+
+        def beats() -> dict[int, int]:
+            return {p: int(v) if v and v.isdigit() else -1 for p, (v, _) in self.seen.items()}
+
+        with self.news:
+            base = beats()
+            self.news.wait_for(
+                lambda: all(b >= base[p] + 3 for p, b in beats().items() if p in base),
+                self.timeout * 1.5,
+            )
+
     def _run(self) -> None:
-        seen = {p: (None, time.monotonic()) for p in range(self.n) if p != self.me}
+        seen = self.seen
         beat = 0
         while not self.stopped.wait(self.timeout / 5):
             beat += 1
@@ -159,15 +179,17 @@ class _Watchdog:
                     _fail(self._line(f"process 0 (the coordinator) does not answer ({reason})"))
                 return
             now = time.monotonic()
-            for p, (last, since) in list(seen.items()):
-                value = values.get(f"{_KEY}/{p}")
-                if value == "done":
-                    del seen[p]
-                elif value != last:
-                    seen[p] = (value, now)
-                elif now - since > self.timeout and not self.stopped.is_set():
-                    _fail(self._line(f"process {p} of {self.n} stopped (no heartbeat for "
-                                     f"{self.timeout:g} s)"))  # fmt: skip
+            with self.news:
+                for p, (last, since) in list(seen.items()):
+                    value = values.get(f"{_KEY}/{p}")
+                    if value == "done":
+                        del seen[p]
+                    elif value != last:
+                        seen[p] = (value, now)
+                    elif now - since > self.timeout and not self.stopped.is_set():
+                        _fail(self._line(f"process {p} of {self.n} stopped (no heartbeat "
+                                         f"for {self.timeout:g} s)"))  # fmt: skip
+                self.news.notify_all()
 
     def _line(self, what: str) -> str:
         return f"{what}; process {self.me} stops too. {self.hint}".strip()

@@ -144,7 +144,9 @@ def _finish(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
 def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path, script):
     env = {k: v for k, v in _env().items() if not k.startswith(("SLURM_", "OMPI_", "JAX_COORD"))}
     out = tmp_path / "runs"
-    args = _TRAIN if script == "train.py" else [str(tmp_path / "no-run"), "--quick"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")  # a run to attack, as far as start-up sees
+    args = _TRAIN if script == "train.py" else [str(tmp_path / "run"), "--quick"]
     proc = subprocess.run(
         [sys.executable, script, *args, "--distributed", "--out", str(out)], cwd=REPO,
         env=env, capture_output=True, text=True, timeout=120,
