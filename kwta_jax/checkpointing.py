@@ -64,6 +64,9 @@ __all__ = [
 ]
 
 CHECKPOINT_DIR = "checkpoints"
+# After a failed read or write, how long `RunCheckpoints.close` lets orbax's abandoned
+# operations finish (and report into the filters) before it removes the filters.
+_SETTLE_SECONDS = 0.1
 
 
 class CheckpointError(RuntimeError):
@@ -244,7 +247,8 @@ class RunCheckpoints:
             )
         finally:
             absl_logger.removeFilter(notice)
-        self._failed: list[int] = []
+        self._failed: list[int] = []  # steps whose save failed
+        self._abandoned = False  # whether orbax abandoned reads or writes (a failure)
         self._quiet = contextlib.ExitStack()
         self._quiet.enter_context(quiet_abandoned_io())
 
@@ -252,6 +256,8 @@ class RunCheckpoints:
         try:
             self._manager.close()
             self._remove_partial()
+            if self._abandoned:  # a read or write failed: let orbax's abandoned ones report
+                time.sleep(_SETTLE_SECONDS)  # (into the filters) before they are removed
         finally:
             self._quiet.close()
 
@@ -304,6 +310,7 @@ class RunCheckpoints:
             # Free what the partial step took (a full disk) and keep the finished ones (again
             # at close: orbax's abandoned writes may still be finishing).
             self._failed.append(step)
+            self._abandoned = True
             self._remove_partial()
             raise CheckpointError(
                 f"cannot write checkpoint {step} in {self.directory}: {_cause(e)}"
@@ -319,6 +326,7 @@ class RunCheckpoints:
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             )["meta"]
         except Exception as e:  # noqa: BLE001 - any read failure means "unusable step"
+            self._abandoned = True
             raise CheckpointError(f"checkpoint {where} is unreadable (meta: {_short(e)}).") from e
         missing = _missing_meta(meta, items)
         if missing:
@@ -334,6 +342,7 @@ class RunCheckpoints:
                     step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
                 )[item]
             except Exception as e:  # noqa: BLE001
+                self._abandoned = True
                 raise CheckpointError(
                     f"checkpoint {where} is corrupt or partial ({item}: {_short(e)})."
                 ) from e
