@@ -1,3 +1,4 @@
+# ruff: noqa: E402 - SIGINT is held back before the imports (see kwta_jax.interrupts)
 """Evaluate checkpoints written by train.py against an adversarial attack suite.
 
     python attack.py runs/default            # every run under it (ReLU = transfer surrogate)
@@ -16,6 +17,11 @@ the progress bars.
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # a Ctrl-C during the imports below waits for interrupts.install
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
 import argparse
 import functools
 import sys
@@ -23,9 +29,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kwta_jax import attack_workflow, flags, multihost, runs
+from kwta_jax import attack_workflow, flags, interrupts, multihost, runs
 from kwta_jax.attacks import ES_SCHEDULE
-from kwta_jax.checkpointing import CheckpointError
+from kwta_jax.checkpointing import CheckpointError, quiet_abandoned_io
 from kwta_jax.config import ConfigError
 from kwta_jax.runs import RunDirError
 from kwta_jax.subsets import SUBSETS
@@ -101,11 +107,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "with --subset-seed (test splits are often sorted by class: mnist5k's first 500 are "
         "the digits 0-4); first: the first N, for continuity with numbers measured that way",
     )
-    parser.add_argument("--subset-seed", type=int, default=0, help="seed of the stratified subset")
+    parser.add_argument(
+        "--subset-seed",
+        type=flags.checked(flags.integer, flags.seed_problem),
+        default=0,
+        help="seed of the stratified subset",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=250, help="examples per compiled chunk (bounds memory)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="attack PRNG seed")
+    parser.add_argument(
+        "--seed", type=flags.checked(flags.integer, flags.seed_problem), default=0,
+        help="attack PRNG seed",
+    )  # fmt: skip
     parser.add_argument(
         "--budget",
         choices=sorted(BUDGETS),
@@ -138,6 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [a for a in args.attacks or [] if a not in ATTACKS and a != "all"]
     if unknown:
         parser.error(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)} or 'all'")
+    repeated = sorted({a for a in args.attacks or [] if args.attacks.count(a) > 1})
+    if repeated:
+        parser.error(f"--attacks names {', '.join(repeated)} more than once")
     # flags.positive: > 0 and finite (nan and inf are not radii).
     if args.eps is not None and any(flags.positive(e) for e in args.eps):
         parser.error(f"--eps values must be > 0 and finite; got {args.eps}")
@@ -155,29 +172,59 @@ def _bars(enabled: bool):
     return functools.partial(tqdm, leave=False, dynamic_ncols=True) if enabled else None
 
 
+def _interrupted(signum: int) -> str:
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return f"attack.py: {what}; every file it had written is whole (old or new, never half)"
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    # Ctrl-C: one line and exit 130 at any moment (kwta_jax.interrupts), never a traceback.
+    restore = interrupts.install(_interrupted)
     try:
-        # Before loading anything: the results must be writable (default: RUN_DIR/attack).
-        runs.check_writable(args.out if args.out is not None else Path(args.run_dir) / "attack")
-        multihost.initialize(args.distributed)
-        attack_workflow.evaluate_run_dirs(
-            args.run_dir, attack_names=args.attacks, eps_values=args.eps, norm=args.norm,
-            n_examples=args.n_examples, subset=args.subset, subset_seed=args.subset_seed,
-            batch_size=args.batch_size, seed=args.seed,
-            budget=args.budget, surrogate=args.bpda_surrogate, out=args.out,
-            diagnose=not args.no_diagnostics, progress=_bars(not args.no_progress),
-            log=tqdm.write, mode=args.mode, preset=args.preset,
-            es_schedule=ES_SCHEDULE if args.es_full else None,
-        )  # fmt: skip
+        return _run(parse_args(argv))
+    finally:
+        restore()
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out is not None else Path(args.run_dir) / "attack"
+    try:
+        # Before loading anything: runs to attack, and a place for the results that can be
+        # written (default: RUN_DIR/attack).
+        runs.find_run_dirs(args.run_dir)
+        runs.check_writable(out)
+        multihost.initialize(args.distributed, hint="Start every process again.")
+        with runs.locked(out):  # one writer per output directory
+            attack_workflow.evaluate_run_dirs(
+                args.run_dir, attack_names=args.attacks, eps_values=args.eps, norm=args.norm,
+                n_examples=args.n_examples, subset=args.subset, subset_seed=args.subset_seed,
+                batch_size=args.batch_size, seed=args.seed,
+                budget=args.budget, surrogate=args.bpda_surrogate, out=args.out,
+                diagnose=not args.no_diagnostics, progress=_bars(not args.no_progress),
+                log=tqdm.write, mode=args.mode, preset=args.preset,
+                es_schedule=ES_SCHEDULE if args.es_full else None,
+            )  # fmt: skip
     except (CheckpointError, RunDirError, ConfigError, OSError) as e:
-        # No run there, a run that cannot be loaded, its dataset is not here, or an output
-        # directory that cannot be written (read-only, full): one line, no traceback.
-        # results.json is replaced atomically, so an older one survives a failed write.
-        print(f"attack.py: error: {e}", file=sys.stderr)
-        return 2
+        # No run there, a run that cannot be loaded, its dataset is not here, an output
+        # directory that cannot be written (read-only, full, in use): one line, no traceback.
+        # Every file is replaced atomically, so an older one survives a failed write.
+        multihost.wait_for_lost_peer()  # multi-host: or a lost process, named by the watchdog
+        return _error(e)
+    except Exception as e:
+        if args.distributed is None:
+            raise  # a bug: its traceback
+        multihost.wait_for_lost_peer()  # multi-host: a lost peer is named by the watchdog
+        return _error(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
     return 0
 
 
+def _error(e) -> int:
+    print(f"attack.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+    multihost.leave(2)  # multi-host: no wait at JAX's shutdown barrier
+    return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # orbax's abandoned writes after a failed save report themselves until the very end.
+    with quiet_abandoned_io(for_process=True):
+        sys.exit(main())

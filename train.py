@@ -1,3 +1,4 @@
+# ruff: noqa: E402 - SIGINT is held back before the imports (see kwta_jax.interrupts)
 """Train a ReLU and a k-WTA model side by side and compare clean and FGSM accuracy.
 
     python train.py                                   # mnist5k MLP, ReLU vs k-WTA, ~1 min on CPU
@@ -20,17 +21,20 @@ training; it owns the progress bars.
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # a Ctrl-C during the imports below waits for interrupts.install
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
 import argparse
 import dataclasses
 import functools
-import signal
 import sys
-import threading
 
 from tqdm.auto import tqdm
 
-from kwta_jax import experiment_workflow, flags, train_workflow
-from kwta_jax.checkpointing import CheckpointError
+from kwta_jax import experiment_workflow, flags, interrupts, multihost, train_workflow
+from kwta_jax.checkpointing import CheckpointError, quiet_abandoned_io
 from kwta_jax.config import ConfigError, TrainConfig
 from kwta_jax.data import DatasetUnavailableError
 from kwta_jax.experiments import (
@@ -182,10 +186,12 @@ def _warn(message: str) -> None:
 
 
 def _error(e) -> int:
+    """Prints ``e`` as train.py's error line (continuation lines indented); returns 2."""
     lines = str(e).strip().splitlines() or [type(e).__name__]
     print(f"train.py: error: {lines[0]}", file=sys.stderr)
     for line in lines[1:]:
         print(f"  {line.strip()}", file=sys.stderr)
+    multihost.leave(2)  # multi-host: no wait at JAX's shutdown barrier
     return 2
 
 
@@ -195,47 +201,33 @@ def _resume_command(argv) -> str:
     return " ".join(["python train.py", *argv, "--resume"])
 
 
-class _CtrlC:
-    """Ctrl-C that library code cannot swallow.
-
-    Orbax runs its event loop with ``except BaseException`` around it, so a KeyboardInterrupt
-    that lands during a checkpoint save is logged and dropped, and training would go on. The
-    handler remembers the request; the next log line (once per epoch) raises it again.
-    """
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        self.requested = True
-        raise KeyboardInterrupt
-
-    def log(self, message: str) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        tqdm.write(message)
+def _interrupted(argv, signum: int) -> str:
+    """The line of a Ctrl-C (or SIGTERM): what is kept and how to continue."""
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return (f"train.py: {what}; the finished epochs are checkpointed, continue with: "
+            f"{_resume_command(argv)}")  # fmt: skip
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.list_experiments:
-        print(describe_experiments())
-        return 0
-    ctrl_c = _CtrlC()
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, ctrl_c) if on_main_thread else None
+    # Ctrl-C: one line and exit 130 at any moment (kwta_jax.interrupts), never a traceback.
+    restore = interrupts.install(functools.partial(_interrupted, argv))
     try:
-        return _run(args, argv, ctrl_c)
+        args = parse_args(argv)
+        if args.list_experiments:
+            print(describe_experiments())
+            return 0
+        return _run(args)
     finally:
-        if on_main_thread:
-            signal.signal(signal.SIGINT, previous)
+        restore()
 
 
-def _run(args, argv, ctrl_c: _CtrlC) -> int:
-    common = dict(resume=args.resume, overwrite=args.overwrite, distributed=args.distributed,
+def _run(args) -> int:
+    common = dict(resume=args.resume, overwrite=args.overwrite,
                   keep_checkpoints=args.keep_checkpoints, progress=_bars(not args.no_progress),
-                  log=ctrl_c.log)  # fmt: skip
+                  log=tqdm.write)  # fmt: skip
     try:
+        multihost.initialize(args.distributed, hint="The finished epochs are checkpointed: "
+                             "start every process again with --resume.")  # fmt: skip
         if args.experiment is None:
             train_workflow.compare_activations(args.config, args.out, acts=args.act,
                                           eps_values=args.eps, **common)  # fmt: skip
@@ -250,12 +242,17 @@ def _run(args, argv, ctrl_c: _CtrlC) -> int:
         return _error(e)
     except (CheckpointError, OSError) as e:
         # A checkpoint that cannot be read or written, a full disk, a directory that became
-        # unwritable: the finished epochs' checkpoints are intact.
+        # unwritable: the finished epochs' checkpoints are intact. Multi-host, the cause may be
+        # a lost process: the watchdog names it.
+        multihost.wait_for_lost_peer()
         return _error(f"{e} (the checkpoints of the finished epochs are intact)")
-    except KeyboardInterrupt:
-        print(f"\ntrain.py: interrupted; the finished epochs are checkpointed, continue with: "
-              f"{_resume_command(argv)}", file=sys.stderr)  # fmt: skip
-        return 130
+    except Exception as e:
+        if args.distributed is None:
+            raise  # a bug: its traceback
+        # Multi-host: a collective fails when a peer is gone; the watchdog names it.
+        multihost.wait_for_lost_peer()
+        first = (str(e).strip().splitlines() or [""])[0]
+        return _error(f"{type(e).__name__}: {first} (the finished epochs are checkpointed)")
     if skipped:
         print(f"\nran: {', '.join(ran) or 'none'}; skipped (data not available here): "
               f"{', '.join(skipped)}", file=sys.stderr)  # fmt: skip
@@ -263,4 +260,6 @@ def _run(args, argv, ctrl_c: _CtrlC) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # orbax's abandoned writes after a failed save report themselves until the very end.
+    with quiet_abandoned_io(for_process=True):
+        sys.exit(main())

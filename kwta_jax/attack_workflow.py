@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from kwta_jax import data, diagnostics, reports, robustness, runs, sharding, subsets
 from kwta_jax.adapters import Model, from_nnx
+from kwta_jax.atomic import write_json_atomic
 from kwta_jax.evaluation import make_models
 from kwta_jax.multihost import is_primary
 from kwta_jax.progress import MakeBar
@@ -193,14 +194,16 @@ def evaluate_run_dirs(
         res.indices = indices
         results.append(res)
         payload["runs"].append(res.to_dict())
-        if primary:
-            reports.plot_examples(res, out / f"examples_{run.name}.png")
-            res.save(out / f"{run.name}.result.npz")
     if not primary:
         return payload
-    reports.plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
-    runs.write_json_atomic(out / "results.json", payload)  # never a truncated results.json
+    # Each file whole or not at all (a full disk keeps the old one); the results first.
+    write_json_atomic(out / "results.json", payload)
     reports.save_per_image(results, out / "results_per_image.npz")
+    for run, res in zip(loaded, results, strict=True):
+        res.save(out / f"{run.name}.result.npz")
+    reports.plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
+    for run, res in zip(loaded, results, strict=True):
+        reports.plot_examples(res, out / f"examples_{run.name}.png")
     log(
         f"\nwrote {out / 'results.json'}, {out / 'results_per_image.npz'}, "
         f"<run>.result.npz (every result, worst-case adversarials included; "

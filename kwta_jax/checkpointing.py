@@ -21,7 +21,16 @@ a step and never replaces a finished one. Saving is synchronous (no background t
 finished epoch's checkpoint is durable before the next epoch starts. A finalized step whose
 files are damaged is caught on restore (read error or checksum mismatch): `restore_latest`
 falls back to the newest good step and says so, and `quarantine` moves the bad step aside
-(never deleting it) so new saves cannot collide with it.
+(never deleting it) so new saves cannot collide with it. A save that fails (a full disk, a
+file-size limit) is one `CheckpointError` naming the cause; its partial step is removed and the
+finished steps stay as they were.
+
+When one of orbax's concurrent reads or writes fails, orbax abandons the others and closes its
+event loop; as they finish, asyncio and tensorstore report each of them ("Event loop is
+closed", "Task exception was never retrieved", orbax's own error logs with tracebacks): noise
+that looks like a crash around an error that is already reported. `RunCheckpoints` drops
+exactly those reports while it is open (`quiet_abandoned_io`), and nothing else; the CLIs keep
+the same filter for their whole process (reports can arrive after the manager closed).
 
 This module knows nothing of models or training (it imports nothing from the project): it
 stores two trees of arrays and a JSON dict per step.
@@ -29,26 +38,35 @@ stores two trees of arrays and a JSON dict per step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
+import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
 import numpy as np
 
 __all__ = [
+    "CHECKPOINT_DIR",
     "CheckpointError",
-    "Checkpointer",
+    "RunCheckpoints",
     "flatten_tree",
+    "quiet_abandoned_io",
     "tree_checksum",
     "unflatten_tree",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
+# After a failed read or write, how long `RunCheckpoints.close` lets orbax's abandoned
+# operations finish (and report into the filters) before it removes the filters.
+_SETTLE_SECONDS = 0.1
 
 
 class CheckpointError(RuntimeError):
@@ -141,42 +159,65 @@ class _ReadOnlyNotice(logging.Filter):
         return "directory is read only" not in record.getMessage()
 
 
-class _OrphanedReadNotice(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" (and nothing else)."""
+class _AbandonedIoNotice(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" and orbax's error logs of the
+    operations it abandoned after a failure (and nothing else)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "exception was never retrieved" not in record.getMessage()
+        message = record.getMessage()
+        if "exception was never retrieved" in message:
+            return False
+        return not (record.levelno >= logging.ERROR and "raised an exception" in message)
 
 
-_orphan_filters_installed = False
+def _is_closed_loop_report(unraisable) -> bool:
+    exc = unraisable.exc_value
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
-def _silence_orphaned_reads() -> None:
-    """After a failed read: orbax's other reads of that step are abandoned mid-flight, and
-    when they finish (after orbax closed its event loop) asyncio reports each one, as
-    "Event loop is closed" (through `sys.unraisablehook`) or "Task exception was never
-    retrieved" (its logger): tracebacks that look like a crash before the working fallback.
-    Drops exactly those two reports from then on (once per process; everything else passes)."""
-    global _orphan_filters_installed
-    if _orphan_filters_installed:
-        return
-    _orphan_filters_installed = True
-    logging.getLogger("asyncio").addFilter(_OrphanedReadNotice())
+def _install_quiet_abandoned_io() -> Callable[[], None]:
+    """Installs the filters of `quiet_abandoned_io`; returns the function that removes them
+    (and restores the previous hook, unless someone replaced it since)."""
+    notice, loggers = _AbandonedIoNotice(), [logging.getLogger(n) for n in ("asyncio", "absl")]
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-            return
-        previous(unraisable)
+        if not _is_closed_loop_report(unraisable):
+            previous(unraisable)
 
+    for logger in loggers:
+        logger.addFilter(notice)
     sys.unraisablehook = hook
 
+    def remove() -> None:
+        for logger in loggers:
+            logger.removeFilter(notice)
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
 
-class Checkpointer:
-    """Orbax `CheckpointManager` over ``run_dir/checkpoints`` with verified restore.
+    return remove
 
-    Steps are epoch numbers (the checkpoint after epoch ``N`` is step ``N``).
+
+@contextlib.contextmanager
+def quiet_abandoned_io(*, for_process: bool = False) -> Iterator[None]:
+    """While open: drops the reports of orbax's abandoned reads and writes (see the module
+    docstring) from `sys.unraisablehook` and the ``asyncio`` / ``absl`` loggers; every other
+    report passes. ``for_process=True`` (for a CLI's ``__main__``, whose process ends inside
+    the block): the filters stay to the end, also for the reports that arrive while the
+    interpreter shuts down."""
+    remove = _install_quiet_abandoned_io()
+    try:
+        yield
+    finally:
+        if not for_process:
+            remove()
+
+
+class RunCheckpoints:
+    """The checkpoints of a run directory: an orbax `CheckpointManager` over
+    ``run_dir/checkpoints`` with verified restore. Steps are epoch numbers (the checkpoint
+    after epoch ``N`` is step ``N``). Use it as a context manager (it closes the manager and
+    ends `quiet_abandoned_io`).
     """
 
     def __init__(self, run_dir, *, max_to_keep: int | None = 3, read_only: bool = False):
@@ -206,9 +247,25 @@ class Checkpointer:
             )
         finally:
             absl_logger.removeFilter(notice)
+        self._failed: list[int] = []  # steps whose save failed
+        self._abandoned = False  # whether orbax abandoned reads or writes (a failure)
+        self._quiet = contextlib.ExitStack()
+        self._quiet.enter_context(quiet_abandoned_io())
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self._manager.close()
+            self._remove_partial()
+            if self._abandoned:  # a read or write failed: let orbax's abandoned ones report
+                time.sleep(_SETTLE_SECONDS)  # (into the filters) before they are removed
+        finally:
+            self._quiet.close()
+
+    def _remove_partial(self) -> None:
+        """Removes the temporary directories of the saves that failed."""
+        for step in self._failed:
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -239,15 +296,25 @@ class Checkpointer:
             model_sha256=tree_checksum(model_arrays), train_sha256=tree_checksum(train_arrays),
             saved_at=time.time(),
         )  # fmt: skip
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardSave(model_arrays),
-                train=ocp.args.StandardSave(train_arrays),
-                meta=ocp.args.JsonSave(meta),
-            ),
-        )
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    model=ocp.args.StandardSave(model_arrays),
+                    train=ocp.args.StandardSave(train_arrays),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+            # Free what the partial step took (a full disk) and keep the finished ones (again
+            # at close: orbax's abandoned writes may still be finishing).
+            self._failed.append(step)
+            self._abandoned = True
+            self._remove_partial()
+            raise CheckpointError(
+                f"cannot write checkpoint {step} in {self.directory}: {_cause(e)}"
+            ) from None
 
     def _restore_step(self, step: int, items: tuple[str, ...]) -> dict:
         """Reads ``items`` of ``step`` and verifies their checksums; raises `CheckpointError`."""
@@ -259,23 +326,23 @@ class Checkpointer:
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             )["meta"]
         except Exception as e:  # noqa: BLE001 - any read failure means "unusable step"
-            _silence_orphaned_reads()
+            self._abandoned = True
             raise CheckpointError(f"checkpoint {where} is unreadable (meta: {_short(e)}).") from e
-        if not isinstance(meta, dict) or "model_spec" not in meta:
-            raise CheckpointError(f"checkpoint {where} has no valid meta item.")
+        missing = _missing_meta(meta, items)
+        if missing:
+            raise CheckpointError(f"checkpoint {where} has no valid meta item ({missing}).")
         out = {"meta": meta}
         for item in items:
             spec = meta[f"{item}_spec"]
-            # Restore as host NumPy arrays of the recorded shapes/dtypes.
-            target = {
-                f"{i:06d}": np.zeros(s["shape"], np.dtype(s["dtype"])) for i, s in enumerate(spec)
-            }
             try:
+                # Restore as host NumPy arrays of the recorded shapes/dtypes.
+                target = {f"{i:06d}": np.zeros(s["shape"], np.dtype(s["dtype"]))
+                          for i, s in enumerate(spec)}  # fmt: skip
                 arrays = self._manager.restore(
                     step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
                 )[item]
             except Exception as e:  # noqa: BLE001
-                _silence_orphaned_reads()
+                self._abandoned = True
                 raise CheckpointError(
                     f"checkpoint {where} is corrupt or partial ({item}: {_short(e)})."
                 ) from e
@@ -294,8 +361,9 @@ class Checkpointer:
         """Restores the newest step that reads back intact.
 
         Returns ``(step, {"meta": dict, item: arrays...}, bad_steps)`` where ``bad_steps`` are
-        newer steps that failed verification (reported through ``log`` / a warning).
-        Raises `CheckpointError` if there is no step or none is good.
+        newer steps that failed verification (reported through ``log`` / a warning, once a
+        good step is found). Raises `CheckpointError` (one line naming every step and why) if
+        there is no step or none is good.
         """
         steps = self.steps()
         if not steps:
@@ -306,16 +374,18 @@ class Checkpointer:
         bad, errors = [], []
         for step in reversed(steps):
             try:
-                return step, self._restore_step(step, items), bad
+                restored = self._restore_step(step, items)
             except CheckpointError as e:
                 bad.append(step)
                 errors.append(str(e))
-                msg = f"warning: {e} Falling back to an older checkpoint."
+                continue
+            for error in errors:
+                msg = f"warning: {error} Falling back to an older checkpoint."
                 (log or (lambda m: warnings.warn(m, stacklevel=3)))(msg)
+            return step, restored, bad
         raise CheckpointError(
-            "no usable checkpoint in {}: every step failed verification:\n  {}".format(
-                self.directory, "\n  ".join(errors)
-            )
+            f"no usable checkpoint in {self.directory}: every step failed verification "
+            f"({' '.join(errors)})"
         )
 
     def quarantine(self, step: int) -> Path:
@@ -326,6 +396,30 @@ class Checkpointer:
         os.replace(src, dst)
         self._manager.reload()
         return dst
+
+
+def _missing_meta(meta, items: tuple[str, ...]) -> str:
+    """What a restored meta item lacks for ``items`` ("" if nothing)."""
+    if not isinstance(meta, dict):
+        return f"a {type(meta).__name__}, not a JSON object"
+    for item in items:
+        if not isinstance(meta.get(f"{item}_spec"), list):
+            return f"no {item}_spec"
+        if not isinstance(meta.get(f"{item}_sha256"), str):
+            return f"no {item}_sha256"
+    return ""
+
+
+def _cause(e: BaseException) -> str:
+    """The cause of a failed write in one line: the OS error if there is one (tensorstore
+    reports it as ``[os_error_code='28']`` inside a ValueError)."""
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.strerror:
+            return f"{err.strerror} ({type(err).__name__})"
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    if code:
+        return os.strerror(int(code.group(1)))
+    return _short(e)
 
 
 def _short(e: BaseException) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from kwta_jax.data import DATASETS
 from kwta_jax.flags import (
@@ -24,10 +26,11 @@ from kwta_jax.flags import (
     number,
     option,
     positive,
+    seed_problem,
 )
 from kwta_jax.models import ACTIVATIONS, KWTA_SCOPES, MODELS
 
-__all__ = ["OPTIMIZERS", "ConfigError", "TrainConfig"]
+__all__ = ["OPTIMIZERS", "ConfigError", "TrainConfig", "config_from_saved"]
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 
@@ -142,7 +145,7 @@ class TrainConfig:
         None, "PGD step size (default 2.5 * EPS / steps)", parse=number, check=positive,
         label="adversarial-training step size",
     )  # fmt: skip
-    seed: int = option(0, "seed of data split, order and init", parse=int)
+    seed: int = option(0, "seed of data split, order and init", parse=integer, check=seed_problem)
     data_dir: str | None = option(None, "tensorflow-datasets data directory (tfds datasets)")
     test_size: int = option(1000, "mnist5k: test split size", flag=False, check=_test_size_problem)
     max_train: int | None = option(
@@ -191,3 +194,53 @@ class TrainConfig:
         if kw.get("anneal") is not None:
             kw["anneal"] = tuple(kw["anneal"])
         return cls(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# A saved configuration (config.json).
+# --------------------------------------------------------------------------------------------
+
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "None": (type(None),),
+               "tuple": (list, tuple)}  # fmt: skip
+
+
+def _type_problem(name: str, value: Any) -> str | None:
+    """Whether ``value`` (from JSON) has the type of field ``name`` (its annotation)."""
+    annotation = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
+    kinds = [part.strip().split("[")[0] for part in str(annotation).split("|")]
+    accepted = tuple(t for kind in kinds for t in _JSON_TYPES[kind])
+    if isinstance(value, accepted) and not isinstance(value, bool):
+        return None
+    words = {"str": "a string", "int": "an integer", "float": "a number", "None": "null",
+             "tuple": "a list"}  # fmt: skip
+    return f"{name} {value!r} is not {' or '.join(words[kind] for kind in kinds)}"
+
+
+def config_from_saved(saved: Any, *, required: Iterable[str] = ()) -> TrainConfig:
+    """The `TrainConfig` of a ``config.json`` dict, checked field by field: a JSON object,
+    the ``required`` fields present, every field present of its type (``None`` ratio of a
+    ReLU run allowed) and following its rule (`TrainConfig.validate`). Fields not present keep
+    their defaults; unknown keys are ignored.
+
+    Raises:
+      ValueError: one line naming every problem.
+    """
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"not a run configuration (a JSON {type(saved).__name__})")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    missing = [k for k in required if k not in saved]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}")
+    fields = {k: v for k, v in saved.items() if k in names}
+    if fields.get("ratio", 0.1) is None and fields.get("act") == "relu":
+        del fields["ratio"]  # a ReLU run records no winner ratio
+    errors = [p for k, v in fields.items() if (p := _type_problem(k, v))]
+    if errors:
+        raise ValueError("; ".join(errors))
+    config = TrainConfig.from_dict(fields)
+    try:
+        config.validate()
+    except (ValueError, TypeError) as e:  # TypeError: the items of a list field
+        problem = str(e).removeprefix("invalid training configuration: ").rstrip(".")
+        raise ValueError(problem) from None
+    return config

@@ -175,16 +175,33 @@ def quiet_absl(active: bool = True):
         absl_logging.set_verbosity(old)
 
 
+def _tfds_dir(data_dir) -> Path:
+    """Where tfds looks: ``data_dir``, else ``$TFDS_DATA_DIR``, else ~/tensorflow_datasets."""
+    default = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    return Path(data_dir if data_dir is not None else default).expanduser()
+
+
+def _missing_reason(name: str, data_dir, error: Exception) -> str:
+    """Why tfds found no prepared ``name``, in words: what is missing where (tfds's own
+    messages describe its internals, e.g. a file format it tried)."""
+    root = _tfds_dir(data_dir)
+    if not (root / name).is_dir():
+        return f"no {name}/ folder there"
+    if not any((root / name).rglob("*.array_record*")):
+        return f"{root / name} holds no ArrayRecord files (prepared for another format?)"
+    text = " ".join(str(error).split())
+    return text[:200] if text else type(error).__name__
+
+
 def _unavailable_message(name: str, data_dir, reason: str) -> str:
-    where = data_dir or "~/tensorflow_datasets (the tfds default)"
+    """One line: the dataset, why it is not usable here, and how to get it."""
+    where = data_dir or f"{_tfds_dir(None)} (the tfds default)"
+    prepare = f"tfds.data_source('{name}', split='train', data_dir='{_tfds_dir(data_dir)}')"
     return (
-        f"dataset {name!r} is not available offline in {where} ({reason}).\n"
-        "  To get it, on a machine with internet access run\n"
-        f"    python -c \"import tensorflow_datasets as tfds; tfds.data_source('{name}', "
-        f"split='train', data_dir='{data_dir or '~/tensorflow_datasets'}')\"\n"
-        "  (this downloads and prepares it in the ArrayRecord format tfds.data_source needs),\n"
-        "  copy that directory here and pass it with --data-dir. The default dataset, mnist5k,\n"
-        "  needs no download."
+        f"dataset {name!r} is not available offline in {where} ({reason}); prepare it once on "
+        f'a machine with internet: python -c "import tensorflow_datasets as tfds; {prepare}", '
+        "copy that folder here and pass it with --data-dir (mnist5k, the default, needs no "
+        "download)."
     )
 
 
@@ -199,9 +216,9 @@ def _open_tfds_source(name: str, split: str, data_dir):
     try:
         with quiet_absl():  # tfds logs a warning for every missing metadata folder
             source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises several types (NotImplementedError, AssertionError,
-        # FileNotFoundError, DatasetNotFoundError ...) for "not prepared here".
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - tfds raises several types (NotImplementedError,
+        # AssertionError, FileNotFoundError, DatasetNotFoundError ...) for "not prepared here".
+        reason = _missing_reason(name, data_dir, e)
         raise DatasetUnavailableError(_unavailable_message(name, data_dir, reason)) from None
     if len(source) == 0:
         reason = f"split {split!r} is empty"

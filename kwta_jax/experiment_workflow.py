@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kwta_jax import data, evaluation, reports, runs
+from kwta_jax.atomic import write_atomic, write_json_atomic
 from kwta_jax.attack_workflow import evaluate_run_dirs
 from kwta_jax.experiments import Experiment
 from kwta_jax.multihost import initialize
@@ -59,9 +60,9 @@ def run_experiment(
     report = reports.build_report(experiment, payload)
     report["train_summary"] = summary
     report["budget"] = budget
-    runs.write_json_atomic(out / "experiment.json", report)
+    write_json_atomic(out / "experiment.json", report)
     table = reports.format_report(report)
-    runs.write_atomic(out / "table.md", table + "\n")
+    write_atomic(out / "table.md", table + "\n")
     reports.plot_report(report, out / "accuracy_vs_eps.png")
     log("\n" + table)
     log(f"\nwrote {out / 'table.md'}, {out / 'experiment.json'}, {out / 'accuracy_vs_eps.png'}")

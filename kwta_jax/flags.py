@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
+    "SEED_RANGE",
     "Check",
     "DefaultsHelpFormatter",
     "add_distributed_flags",
@@ -39,6 +40,7 @@ __all__ = [
     "number",
     "option",
     "positive",
+    "seed_problem",
 ]
 
 Check = Callable[[Any], "str | None"]
@@ -155,6 +157,18 @@ def non_negative(value: float) -> str | None:
     return None if value >= 0 else f"must be >= 0; got {value:g}"
 
 
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def seed_problem(value: int) -> str | None:
+    """A seed is an integer in `SEED_RANGE` (what NumPy and JAX both accept, with room for
+    the ``seed + 1`` the models and data splits derive)."""
+    low, high = SEED_RANGE
+    if isinstance(value, int) and low <= value <= high:
+        return None
+    return f"must be an integer in [{low}, {high}] (0 to 2**32 - 1); got {value}"
+
+
 def checked(parse: Callable[[str], Any], check: Check | None) -> Callable[[str], Any]:
     """An argparse ``type``: ``parse`` the text, then fail with ``check``'s message."""
     if check is None:
@@ -241,6 +255,7 @@ def from_flags(cls, namespace: argparse.Namespace, **changes):
 # --------------------------------------------------------------------------------------------
 
 _DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
+_TIMEOUTS = ("init_timeout", "peer_timeout")  # kwta_jax.multihost's, not jax's
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser, what: str) -> None:
@@ -266,15 +281,27 @@ def add_distributed_flags(parser: argparse.ArgumentParser, what: str) -> None:
         "--process-id", type=checked(integer, non_negative), default=None,
         metavar="I", help="this process's id, 0 .. N-1 (implies --distributed)",
     )  # fmt: skip
+    dist.add_argument(
+        "--init-timeout", type=checked(number, positive), default=None, metavar="S",
+        help="seconds to wait for every process to join, then one error line naming the "
+        "missing one (default 300)",
+    )  # fmt: skip
+    dist.add_argument(
+        "--peer-timeout", type=checked(number, positive), default=None, metavar="S",
+        help="seconds without a heartbeat after which a process counts as gone and the "
+        "others stop with one error line (default 60)",
+    )  # fmt: skip
 
 
 def distributed_options(parser: argparse.ArgumentParser, args) -> dict | None:
-    """The keywords of `jax.distributed.initialize` the flags of `add_distributed_flags`
-    give (``None``: a single process; ``{}``: the cluster of the environment)."""
+    """The keywords of `kwta_jax.multihost.initialize` the flags of `add_distributed_flags`
+    give (``None``: a single process; ``{}``: the cluster of the environment; the timeouts
+    count only with one of the others)."""
     given = {k: getattr(args, k) for k in _DISTRIBUTED}
     given = {k: v for k, v in given.items() if v is not None}
     if not (args.distributed or given):
         return None
+    given.update({k: getattr(args, k) for k in _TIMEOUTS if getattr(args, k) is not None})
     if "process_id" in given and "num_processes" in given:
         if given["process_id"] >= given["num_processes"]:
             parser.error(f"--process-id {given['process_id']} must be < --num-processes "

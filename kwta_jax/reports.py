@@ -13,15 +13,14 @@ imported on first use (headless Agg backend).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kwta_jax.atomic import atomic_path, write_json_atomic
 from kwta_jax.suites import NON_GRADIENT_KINDS
 
 if TYPE_CHECKING:
@@ -43,6 +42,15 @@ __all__ = [
     "save_json",
     "save_per_image",
 ]
+
+
+def _save_figure(fig, path, *, dpi: int) -> None:
+    """Writes ``fig`` to ``path`` atomically (never a truncated PNG) and closes it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        _pyplot().close(fig)
 
 
 def _pyplot():
@@ -116,8 +124,8 @@ def format_table(res: EvalResult) -> str:
 
 
 def save_json(payload: dict, path) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=float)
+    """``payload`` as indented JSON, written atomically (`kwta_jax.atomic`)."""
+    write_json_atomic(path, payload)
 
 
 def save_per_image(results: Sequence[EvalResult], path) -> Path:
@@ -133,9 +141,8 @@ def save_per_image(results: Sequence[EvalResult], path) -> Path:
         names.append(name)
         arrays.update({f"{name}/{k}": v for k, v in res.per_image().items()})
     arrays["models"] = np.asarray(names, dtype=str)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
     return path
 
 
@@ -159,8 +166,7 @@ def plot_accuracy_vs_eps(results: Sequence[EvalResult], path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path, dpi=110)
 
 
 def plot_examples(res: EvalResult, path, *, eps: float | None = None, rows: int = 6) -> None:
@@ -188,8 +194,7 @@ def plot_examples(res: EvalResult, path, *, eps: float | None = None, rows: int 
             ax.axis("off")
     fig.suptitle(f"{res.name}: {res.norm} eps={format_eps(eps)}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,10 +269,7 @@ def plot_learning_curves(history: Sequence[dict], path, *, title: str = "") -> P
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path, dpi=100)
     return path
 
 
@@ -422,5 +424,4 @@ def plot_report(report: dict, path) -> None:
     ax.set_title(f"{report['experiment']}: FGSM vs worst case over the suite")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path, dpi=110)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from kwta_jax.atomic import atomic_path
 
 __all__ = ["EPS_RTOL", "EvalResult"]
 
@@ -295,12 +296,8 @@ class EvalResult:
         for a, d in self.min_norm_dist.items():
             arrays[f"min_norm_dist/{a}"] = d
         arrays["meta.json"] = np.frombuffer(json.dumps(meta, default=float).encode(), np.uint8)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        try:
+        with atomic_path(path) as tmp:
             np.savez_compressed(tmp, **arrays)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -11,35 +11,44 @@ A run directory holds::
                        position, config, metrics history, leaf specs and checksums)
     curves.png         learning curves (`kwta_jax.reports.plot_learning_curves`)
 
-This module owns that layout: reading and writing ``config.json`` and ``metrics.jsonl``,
-what to do with a directory that already holds a run (`check_run_dir`), saving and restoring a
-training state with its meta, finding run directories (`find_run_dirs`) and rebuilding a
-trained model (`load_trained_model`). It sits on `kwta_jax.models` and
+This module owns that layout: reading (checked) and writing (atomically) ``config.json`` and
+``metrics.jsonl``, what to do with a directory that already holds a run (`check_run_dir`), the
+lock of a directory being written (`locked`), saving and restoring a training state with its
+meta, finding run directories (`find_run_dirs`) and rebuilding a trained model
+(`load_trained_model`). It sits on `kwta_jax.models` and
 `kwta_jax.checkpointing`; the training state is handled through its fields (``params``,
 ``rest``, ``step``, ``opt_state``, ``key``), so nothing here imports the training loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 from flax import nnx
 
-from kwta_jax import __version__
-from kwta_jax.checkpointing import CHECKPOINT_DIR, Checkpointer, CheckpointError, unflatten_tree
-from kwta_jax.config import TrainConfig
+from kwta_jax import __version__, locking
+from kwta_jax.atomic import write_atomic
+from kwta_jax.checkpointing import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    RunCheckpoints,
+    unflatten_tree,
+)
+from kwta_jax.config import TrainConfig, config_from_saved
 from kwta_jax.models import ModelSpec, build_model_from_config, split_model
 
 __all__ = [
     "RUN_FILES",
     "RunDirError",
-    "append_metrics",
     "check_resumable",
     "check_run_dir",
     "check_writable",
@@ -47,17 +56,17 @@ __all__ = [
     "clear_run_dir",
     "find_run_dirs",
     "load_trained_model",
+    "locked",
     "make_run_config",
     "read_config",
     "restore_training_state",
     "save_training_state",
-    "write_atomic",
     "write_config",
-    "write_json_atomic",
     "write_metrics",
 ]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "checkpoints")
+_logger = logging.getLogger(__name__)
 
 
 class RunDirError(ValueError):
@@ -67,25 +76,6 @@ class RunDirError(ValueError):
 # --------------------------------------------------------------------------------------------
 # config.json and metrics.jsonl.
 # --------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves neither half a file nor a temporary
-        raise
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    """``payload`` as indented JSON (NumPy scalars as floats), through `write_atomic`."""
-    write_atomic(Path(path), json.dumps(payload, indent=2, default=float) + "\n")
 
 
 def _recorded(config: dict) -> dict:
@@ -100,16 +90,47 @@ def make_run_config(config: TrainConfig, spec: ModelSpec) -> dict:
             "kwta_jax_version": __version__}  # fmt: skip
 
 
+# What attack.py needs of a run's config.json to rebuild its model and its test split.
+_LOADABLE = ("dataset", "model", "model_kwargs")
+# What --resume needs to check the options (every training option and the model).
+_RESUMABLE = (*(f.name for f in dataclasses.fields(TrainConfig)), "model_kwargs")
+
+
+def _config_problem(saved, required: Sequence[str]) -> str | None:
+    """What makes a ``config.json`` dict unusable (``None``: nothing): a missing ``required``
+    field, a field of the wrong type or against its rule, a model that cannot be built."""
+    try:
+        config_from_saved(saved, required=required)
+    except ValueError as e:
+        return str(e)
+    kwargs = saved.get("model_kwargs")
+    if "model_kwargs" in saved and not isinstance(kwargs, dict):
+        return f"model_kwargs {kwargs!r} is not a JSON object"
+    if "model" in saved and "model_kwargs" in saved:
+        try:  # abstract: shapes only, no parameters computed
+            build_model_from_config(saved, abstract=True)
+        except (TypeError, ValueError, KeyError) as e:
+            return f"model {saved['model']!r} with these model_kwargs cannot be built ({e})"
+    return None
+
+
 def read_config(run_dir) -> dict:
-    """The ``config.json`` of a run directory (raises `CheckpointError` if missing/invalid)."""
+    """The ``config.json`` of a run directory, checked: it must describe a model and a
+    dataset this version can rebuild (raises `CheckpointError` in one line otherwise)."""
     path = Path(run_dir) / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         msg = f"{path} not found: not a run directory written by train.py."
         raise CheckpointError(msg) from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}).") from None
+    problem = _config_problem(config, _LOADABLE)
+    if problem:
+        raise CheckpointError(
+            f"{path} is damaged: {problem}. Restore it from a copy, or retrain the run."
+        )
+    return config
 
 
 def write_config(run_dir: Path, run_config: dict) -> None:
@@ -117,13 +138,27 @@ def write_config(run_dir: Path, run_config: dict) -> None:
 
 
 def write_metrics(run_dir: Path, history: Sequence[dict]) -> None:
-    """Rewrites ``metrics.jsonl`` with ``history`` (one line per epoch)."""
+    """Rewrites ``metrics.jsonl`` with ``history`` (one line per epoch), atomically: a full
+    disk leaves the previous history whole, never a half-appended line."""
     write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
 
-def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+@contextlib.contextmanager
+def locked(directory) -> Iterator[Path]:
+    """Holds the write lock of ``directory`` (`kwta_jax.locking.exclusive`) for the ``with``
+    block; multi-host, process 0 holds it for all. Raises `RunDirError` naming the holder if
+    another process writes there."""
+    if jax.process_index() != 0:
+        yield Path(directory)
+        return
+    try:
+        with locking.exclusive(directory) as path:
+            yield path
+    except locking.DirectoryLocked as e:
+        raise RunDirError(
+            f"{e.directory} is in use by {e.holder}: wait for it to finish, or choose "
+            "another --out."
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,10 +185,11 @@ def _saved_config(run_dir: Path) -> dict | None:
             f"cannot resume {run_dir}: {path} is unreadable ({type(e).__name__}), so its options "
             "cannot be checked; restore it or start over with --overwrite / another --out."
         ) from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("epochs", 0), int):
+    problem = _config_problem(saved, _RESUMABLE)
+    if problem:
         raise RunDirError(
-            f"cannot resume {run_dir}: {path} is not a run configuration; restore it or start "
-            "over with --overwrite / another --out."
+            f"cannot resume {run_dir}: {path} is damaged ({problem}), so its options cannot be "
+            "checked; restore it or start over with --overwrite / another --out."
         )
     return saved
 
@@ -198,10 +234,16 @@ def check_run_dir(run_dir, config: TrainConfig, *, resume: bool, overwrite: bool
     existing = [f for f in RUN_FILES if (run_dir / f).exists()]
     if not existing:
         return "new"
-    if (run_dir / "checkpoints").is_dir():
-        check_writable(run_dir / "checkpoints")
+    checkpoints = run_dir / CHECKPOINT_DIR
+    if checkpoints.is_dir():
+        check_writable(checkpoints)
     if overwrite:
         return "overwrite"
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise RunDirError(
+            f"{checkpoints} is not a directory, so {run_dir} holds no checkpoint to resume; "
+            "move it aside, or start over with --overwrite / another --out."
+        )
     if not resume:
         raise RunDirError(
             f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue "
@@ -225,10 +267,18 @@ def check_run_dir(run_dir, config: TrainConfig, *, resume: bool, overwrite: bool
     return "resume"
 
 
+def _remove_results(attack_dir: Path) -> None:
+    """Removes an ``attack/`` directory, unless ``attack.py`` is writing it (`RunDirError`)."""
+    if attack_dir.is_dir():
+        with locked(attack_dir):
+            shutil.rmtree(attack_dir)
+
+
 def clear_run_dir(run_dir: Path) -> None:
     """Removes only the files a run writes, and the ``attack/`` results of its model (never
     other content of the directory)."""
-    for name in (*RUN_FILES, "attack"):
+    _remove_results(run_dir / "attack")
+    for name in RUN_FILES:
         p = run_dir / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -239,8 +289,7 @@ def clear_run_dir(run_dir: Path) -> None:
 def clear_results(out: Path) -> None:
     """Removes what ``train.py`` and ``attack.py`` wrote about the runs under ``out``
     (``out/summary.json`` and ``out/attack/``), before those runs are replaced."""
-    if (out / "attack").is_dir():
-        shutil.rmtree(out / "attack")
+    _remove_results(out / "attack")
     (out / "summary.json").unlink(missing_ok=True)
 
 
@@ -252,15 +301,15 @@ def check_resumable(run_dir) -> int | None:
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         return None
     try:
-        with Checkpointer(run_dir, read_only=True) as ckpt:
+        with RunCheckpoints(run_dir, read_only=True) as ckpt:
             if not ckpt.steps():
                 return None
-            step, _, _ = ckpt.restore_latest(log=lambda message: None)
+            step, restored, _ = ckpt.restore_latest(log=lambda message: None)
+            _check_training_meta(restored["meta"], ckpt.directory / str(step))
     except CheckpointError as e:
-        first = str(e).splitlines()[0].rstrip(":")
         raise RunDirError(
-            f"cannot resume {run_dir}: {first} (every checkpoint is corrupt). Move "
-            f"{run_dir / CHECKPOINT_DIR} aside or start over with --overwrite."
+            f"cannot resume {run_dir}: every checkpoint is corrupt ({str(e).rstrip('.')}). "
+            f"Move {run_dir / CHECKPOINT_DIR} aside or start over with --overwrite."
         ) from None
     return step
 
@@ -288,7 +337,7 @@ def find_run_dirs(path) -> list[Path]:
 
 
 def save_training_state(
-    ckpt: Checkpointer, state, *, epoch: int, ratio: float, run_config: dict, history: list
+    ckpt: RunCheckpoints, state, *, epoch: int, ratio: float, run_config: dict, history: list
 ) -> None:
     """Checkpoint after ``epoch`` (1-based) of a `kwta_jax.training.TrainState`: the model
     item is ``(params, rest)``, the train item ``(step, opt_state, key)``; the next epoch
@@ -301,19 +350,31 @@ def save_training_state(
     ckpt.save(epoch, (state.params, state.rest), (state.step, state.opt_state, state.key), meta)
 
 
+def _check_training_meta(meta: dict, where: Path) -> None:
+    """Raises `CheckpointError` unless ``meta`` holds what resuming reads besides the arrays."""
+    try:
+        epoch = meta["data_position"]["epoch"]
+        ok = isinstance(epoch, int) and all(isinstance(h["epoch"], int) for h in meta["history"])
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"checkpoint {where} has no valid meta item (data position).")
+
+
 def restore_training_state(
-    ckpt: Checkpointer, state, *, log: Callable[[str], None]
+    ckpt: RunCheckpoints, state, *, log: Callable[[str], None]
 ) -> tuple[Any, int, list[dict]]:
     """The newest good checkpoint restored into the structure of ``state`` (a freshly built
     `kwta_jax.training.TrainState`). Corrupt newer steps are moved aside and reported.
 
     Returns ``(state, epochs_done, history)`` (the history of those epochs only).
     """
-    _, restored, bad = ckpt.restore_latest(log=log)
-    for step in bad:
+    step, restored, bad = ckpt.restore_latest(log=log)
+    for corrupt in bad:
         if jax.process_index() == 0:  # multi-host: one process moves it (a shared directory)
-            log(f"moved corrupt checkpoint aside: {ckpt.quarantine(step)}")
+            log(f"moved corrupt checkpoint aside: {ckpt.quarantine(corrupt)}")
     meta = restored["meta"]
+    _check_training_meta(meta, ckpt.directory / str(step))
     params, rest = unflatten_tree((state.params, state.rest), restored["model"], meta["model_spec"])
     step, opt_state, key = unflatten_tree(
         (state.step, state.opt_state, state.key), restored["train"], meta["train_spec"]
@@ -329,7 +390,8 @@ def load_trained_model(run_dir, *, log=None) -> tuple[nnx.Module, dict]:
 
     Args:
       run_dir: a directory written by train.py (``config.json`` and ``checkpoints/``).
-      log: where to report skipped corrupt checkpoints (default: `warnings.warn`).
+      log: where to report skipped corrupt checkpoints (default: this module's logger, one
+        line each).
 
     Returns:
       ``(model, config)``: the ``nnx.Module`` (``[B, H, W, C]`` float32 in [0, 1] ->
@@ -341,8 +403,8 @@ def load_trained_model(run_dir, *, log=None) -> tuple[nnx.Module, dict]:
       CheckpointError: no config, no good checkpoint, or a checkpoint that does not match.
     """
     config = read_config(run_dir)
-    with Checkpointer(run_dir, read_only=True) as ckpt:
-        step, restored, _ = ckpt.restore_latest(("model",), log=log)
+    with RunCheckpoints(run_dir, read_only=True) as ckpt:
+        step, restored, _ = ckpt.restore_latest(("model",), log=log or _logger.warning)
     meta = restored["meta"]
     # Abstract: no initialisation compute, the arrays come from the checkpoint.
     model = build_model_from_config(config, ratio=meta.get("kwta_ratio"), abstract=True)

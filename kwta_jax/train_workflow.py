@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -31,8 +30,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from kwta_jax import attacks, data, evaluation, reports, runs, sharding, training
-from kwta_jax.checkpointing import Checkpointer
+from kwta_jax import attacks, data, evaluation, interrupts, reports, runs, sharding, training
+from kwta_jax.atomic import write_json_atomic
+from kwta_jax.checkpointing import RunCheckpoints
 from kwta_jax.config import ConfigError, TrainConfig
 from kwta_jax.models import build_model_from_config
 from kwta_jax.multihost import initialize, is_primary, sync
@@ -103,7 +103,7 @@ def check_batch_fits(config: TrainConfig, dataset: data.Dataset, mesh: Mesh) -> 
 
 
 def _start_or_resume(
-    ckpt: Checkpointer, state: training.TrainState, run_dir: Path, *, resume: bool, log: Log
+    ckpt: RunCheckpoints, state: training.TrainState, run_dir: Path, *, resume: bool, log: Log
 ) -> tuple[training.TrainState, int, list[dict], bool]:
     """``(state, epochs already done, their history, resumed?)`` of a run directory."""
     if resume and ckpt.steps():
@@ -116,16 +116,22 @@ def _start_or_resume(
 
 
 def _save_epoch(
-    ckpt: Checkpointer, run_dir: Path, state: training.TrainState, config: TrainConfig,
-    run_config: dict, history: list[dict],
+    ckpt: RunCheckpoints, run_dir: Path, state: training.TrainState, config: TrainConfig,
+    run_config: dict, history: list[dict], *, first: bool,
 ) -> None:  # fmt: skip
-    """The checkpoint and the ``metrics.jsonl`` line of the epoch that ends ``history``."""
+    """The checkpoint of the epoch that ends ``history``, then ``metrics.jsonl`` (and, after
+    the ``first`` checkpoint of this session, ``config.json``). Nothing is written before the
+    checkpoint is: a run that cannot save (a full disk) keeps its files as they were. A Ctrl-C
+    waits for the end (`kwta_jax.interrupts.deferred`)."""
     epoch = history[-1]["epoch"]
     ratio = training.anneal_ratio(config, epoch - 1)
-    runs.save_training_state(ckpt, state, epoch=epoch, ratio=ratio, run_config=run_config,
-                             history=history)  # fmt: skip
-    if is_primary():
-        runs.append_metrics(run_dir, history[-1])
+    with interrupts.deferred():
+        runs.save_training_state(ckpt, state, epoch=epoch, ratio=ratio, run_config=run_config,
+                                 history=history)  # fmt: skip
+        if is_primary():
+            if first:
+                runs.write_config(run_dir, run_config)
+            runs.write_metrics(run_dir, history)
 
 
 def _epoch_line(config: TrainConfig, record: dict) -> str:
@@ -185,6 +191,21 @@ def train_and_evaluate(
     config = config.resolved()
     config.validate()
     run_dir = Path(run_dir)
+    runs.check_writable(run_dir)
+    with runs.locked(run_dir):
+        return _train_locked(
+            config, run_dir, resume=resume, overwrite=overwrite, dataset=dataset,
+            perturb_fn=perturb_fn, mesh=mesh, progress=progress, log=log,
+            stop_after_epochs=stop_after_epochs, keep_checkpoints=keep_checkpoints,
+        )  # fmt: skip
+
+
+def _train_locked(
+    config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
+    dataset: data.Dataset | None, perturb_fn: PerturbFn | None, mesh: Mesh | None,
+    progress: MakeBar | None, log: Log, stop_after_epochs: int | None, keep_checkpoints: int,
+) -> RunResult:  # fmt: skip
+    """`train_and_evaluate` once ``run_dir`` is locked."""
     mode = runs.check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
     if mode == "resume":
         runs.check_resumable(run_dir)
@@ -194,7 +215,8 @@ def train_and_evaluate(
     sync(f"checked {run_dir}")
     if is_primary():
         if mode == "overwrite":
-            runs.clear_run_dir(run_dir)
+            with interrupts.deferred():  # never half a deletion
+                runs.clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     sync(f"prepared {run_dir}")
 
@@ -207,7 +229,7 @@ def train_and_evaluate(
     if perturb_fn is None and config.adv_eps > 0:
         perturb_fn = make_pgd_perturb(config.adv_eps, config.adv_steps, config.adv_step_size)
 
-    with Checkpointer(run_dir, max_to_keep=keep_checkpoints) as ckpt:
+    with RunCheckpoints(run_dir, max_to_keep=keep_checkpoints) as ckpt:
         state, start_epoch, history, resumed = _start_or_resume(
             ckpt, state, run_dir, resume=mode == "resume", log=log
         )
@@ -217,16 +239,13 @@ def train_and_evaluate(
                 f"cannot resume {run_dir} with --epochs {config.epochs}: its checkpoints "
                 f"hold {start_epoch} epochs (resuming trains longer, never shorter)."
             )
-        if is_primary():
-            runs.write_config(run_dir, run_config)
-            runs.write_metrics(run_dir, history)
         epochs = training.train_epochs(
             model, tx, state, dataset, config, mesh=mesh, perturb_fn=perturb_fn,
             start_epoch=start_epoch, progress=progress,
         )  # fmt: skip
         for done, (state, record) in enumerate(epochs, start=1):
             history.append(record)
-            _save_epoch(ckpt, run_dir, state, config, run_config, history)
+            _save_epoch(ckpt, run_dir, state, config, run_config, history, first=done == 1)
             log(_epoch_line(config, record))
             if stop_after_epochs is not None and done >= stop_after_epochs:
                 break
@@ -310,8 +329,19 @@ def run_comparison(
     log = log or _logger.info
     config = config.resolved()
     out = Path(out)
-    configs = {act: dataclasses.replace(config, act=act) for act in acts}
     runs.check_writable(out)
+    with runs.locked(out):
+        return _compare_locked(config, out, acts=acts, eps_values=eps_values, resume=resume,
+                               overwrite=overwrite, progress=progress, log=log,
+                               keep_checkpoints=keep_checkpoints)  # fmt: skip
+
+
+def _compare_locked(
+    config: TrainConfig, out: Path, *, acts: Sequence[str], eps_values: Sequence[float],
+    resume: bool, overwrite: bool, progress: MakeBar | None, log: Log, keep_checkpoints: int,
+) -> dict:  # fmt: skip
+    """`run_comparison` once ``out`` is locked."""
+    configs = {act: dataclasses.replace(config, act=act) for act in acts}
     modes = {}
     for act, cfg in configs.items():
         cfg.validate()
@@ -326,7 +356,8 @@ def run_comparison(
     log(f"{dataset!r} on {jax.device_count()} {jax.default_backend()} device(s)")
     sync(f"checked {out}")
     if overwrite and is_primary():
-        runs.clear_results(out)
+        with interrupts.deferred():
+            runs.clear_results(out)
     summary: dict[str, Any] = {
         "dataset": config.dataset, "model": config.model, "eps": list(eps_values),
         "devices": jax.device_count(), "backend": jax.default_backend(), "runs": {},
@@ -344,7 +375,7 @@ def run_comparison(
         )
     summary["total_seconds"] = time.perf_counter() - t_all
     if is_primary():
-        runs.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(out / "summary.json", summary)
     return summary
 
 

@@ -3,11 +3,13 @@ bit-identical to an uninterrupted run (in-process and after SIGKILL of a subproc
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -17,8 +19,8 @@ import pytest
 
 from kwta_jax import data
 from kwta_jax.checkpointing import (
-    Checkpointer,
     CheckpointError,
+    RunCheckpoints,
     flatten_tree,
     unflatten_tree,
 )
@@ -73,7 +75,7 @@ def _corrupt(step_dir: Path, item: str = "model") -> None:
 
 
 def test_checkpointer_save_restore_and_refuses_to_overwrite(tmp_path):
-    with Checkpointer(tmp_path) as ckpt:
+    with RunCheckpoints(tmp_path) as ckpt:
         for step in (1, 2):
             ckpt.save(step, _tree(step), {"s": jnp.int32(step)}, {"epoch": step})
         with pytest.raises(CheckpointError, match="refusing to overwrite"):
@@ -85,20 +87,20 @@ def test_checkpointer_save_restore_and_refuses_to_overwrite(tmp_path):
 
 
 def test_corrupt_latest_falls_back_and_partial_saves_are_ignored(tmp_path):
-    with Checkpointer(tmp_path) as ckpt:
+    with RunCheckpoints(tmp_path) as ckpt:
         for step in (1, 2):
             ckpt.save(step, _tree(step), {"s": jnp.int32(step)}, {"epoch": step})
     # A save killed half-way leaves a temporary directory: not a step.
     (tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-123").mkdir()
     _corrupt(tmp_path / "checkpoints" / "2")
     messages = []
-    with Checkpointer(tmp_path, read_only=True) as ckpt:
+    with RunCheckpoints(tmp_path, read_only=True) as ckpt:
         assert ckpt.steps() == [1, 2]
         step, restored, bad = ckpt.restore_latest(log=messages.append)
     assert step == 1 and bad == [2] and restored["meta"]["epoch"] == 1
     assert "checkpoints/2" in messages[0] and "corrupt" in messages[0]
     # The good step is untouched; quarantining the bad one keeps it on disk.
-    with Checkpointer(tmp_path) as ckpt:
+    with RunCheckpoints(tmp_path) as ckpt:
         moved = ckpt.quarantine(2)
         assert moved.exists() and ckpt.steps() == [1]
         _corrupt(tmp_path / "checkpoints" / "1", "train")
@@ -108,7 +110,7 @@ def test_corrupt_latest_falls_back_and_partial_saves_are_ignored(tmp_path):
 
 def test_flipped_byte_is_caught_by_the_checksum(tmp_path):
     big = {"w": jnp.arange(4096, dtype=jnp.float32)}
-    with Checkpointer(tmp_path) as ckpt:
+    with RunCheckpoints(tmp_path) as ckpt:
         ckpt.save(1, big, {"s": jnp.int32(1)}, {"epoch": 1})
     files = sorted(
         (tmp_path / "checkpoints" / "1" / "model").rglob("*"), key=lambda p: -p.stat().st_size
@@ -117,7 +119,7 @@ def test_flipped_byte_is_caught_by_the_checksum(tmp_path):
     raw = bytearray(target.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     target.write_bytes(bytes(raw))
-    with Checkpointer(tmp_path, read_only=True) as ckpt, pytest.raises(CheckpointError):
+    with RunCheckpoints(tmp_path, read_only=True) as ckpt, pytest.raises(CheckpointError):
         ckpt.restore_latest(log=lambda m: None)
 
 
@@ -139,7 +141,7 @@ def tiny_data():
 
 
 def _final(run_dir):
-    with Checkpointer(run_dir, read_only=True) as ckpt:
+    with RunCheckpoints(run_dir, read_only=True) as ckpt:
         step, restored, bad = ckpt.restore_latest(("model", "train"))
     assert not bad
     return step, restored
@@ -217,3 +219,29 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
     assert resumed.wait(timeout=180) == 0, resumed.stderr.read()
     assert reference.wait(timeout=180) == 0, reference.stderr.read()
     _assert_identical(tmp_path / "ref", tmp_path / "killed")
+
+
+def test_run_checkpoints_quiets_abandoned_io_only_while_open(tmp_path):
+    """Issue 19: the filters for orbax's abandoned reads and writes ("Event loop is closed"
+    through `sys.unraisablehook`, asyncio's "never retrieved", orbax's error logs) are scoped
+    to an open `RunCheckpoints`; every other report passes, and nothing stays installed."""
+    seen = []
+    hook = seen.append
+    previous = sys.unraisablehook
+    sys.unraisablehook = hook
+    try:
+        closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+        other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+        filters = {n: list(logging.getLogger(n).filters) for n in ("asyncio", "absl")}
+        with RunCheckpoints(tmp_path):
+            sys.unraisablehook(closed)
+            sys.unraisablehook(other)
+            record = logging.makeLogRecord({"msg": "Task exception was never retrieved"})
+            assert not all(f.filter(record) for f in logging.getLogger("asyncio").filters)
+        assert seen == [other]
+        assert sys.unraisablehook is hook  # restored
+        assert {n: list(logging.getLogger(n).filters) for n in filters} == filters
+        sys.unraisablehook(closed)  # once closed, reported again
+        assert seen == [other, closed]
+    finally:
+        sys.unraisablehook = previous

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -23,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 import attack  # noqa: E402
 import train  # noqa: E402
-from kwta_jax import train_workflow  # noqa: E402
+from kwta_jax import data, train_workflow  # noqa: E402
 from kwta_jax.config import ConfigError, TrainConfig  # noqa: E402
 
 SMALL = ["--max-train", "256", "--max-test", "128", "--batch-size", "64", "--eps", "0.1",
@@ -40,22 +39,19 @@ def tree_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished 2-epoch ReLU + k-WTA run (trained once for the module)."""
-    out = tmp_path_factory.mktemp("finished") / "runs"
-    assert train.main([*SMALL, "--epochs", "2", "--out", str(out)]) == 0
-    return out
+@pytest.fixture
+def finished(trained_runs) -> Path:
+    """A finished 2-epoch ReLU + k-WTA run (conftest: trained once per session)."""
+    return trained_runs
 
 
 @pytest.fixture
-def runs(finished, tmp_path) -> Path:
-    out = tmp_path / "runs"
-    shutil.copytree(finished, out)
-    return out
+def runs(run_copy) -> Path:
+    return run_copy
 
 
-def _one_error_line(err: str, prog: str) -> str:
+def one_error_line(err: str, prog: str) -> str:
+    """The one ``PROG: error:`` line of ``err`` (and no traceback)."""
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
     assert len(lines) == 1, err
@@ -72,7 +68,7 @@ def _train_error(capsys, out: Path, *argv) -> str:
         code = e.code
     assert code == 2
     assert (tree_hash(out) if out.exists() else None) == before
-    return _one_error_line(capsys.readouterr().err, "train.py")
+    return one_error_line(capsys.readouterr().err, "train.py")
 
 
 def _corrupt_checkpoints(run_dir: Path, steps=None) -> None:
@@ -125,7 +121,7 @@ def test_attack_rejects_non_finite_eps(capsys, runs, eps):
     with pytest.raises(SystemExit) as e:
         attack.main([str(runs), "--eps", "0.1", eps])
     assert e.value.code == 2
-    line = _one_error_line(capsys.readouterr().err, "attack.py")
+    line = one_error_line(capsys.readouterr().err, "attack.py")
     assert "--eps values must be > 0 and finite" in line
     assert tree_hash(runs) == before and not (runs / "attack").exists()
 
@@ -176,7 +172,7 @@ def test_a_batch_that_does_not_split_over_two_devices_is_refused_at_start_up(tmp
     out = tmp_path / "new"
     proc = _cli("train.py", *SMALL, "--batch-size", "127", "--out", out, env=env)
     assert proc.returncode == 2
-    line = _one_error_line(proc.stderr, "train.py")
+    line = one_error_line(proc.stderr, "train.py")
     assert "batch size 127 must be a multiple of the 2 devices" in line
     assert not out.exists()
 
@@ -219,35 +215,9 @@ def test_read_only_directories_are_a_one_line_error(read_only_runs, argv, where)
     else:
         proc = _cli(cli, read_only_runs, *rest, user=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    line = _one_error_line(proc.stderr, Path(cli).name)
+    line = one_error_line(proc.stderr, Path(cli).name)
     assert "read-only" in line or "Permission denied" in line
     assert tree_hash(read_only_runs) == before
-
-
-@pytest.mark.slow
-def test_ctrl_c_is_one_line_saying_the_run_is_resumable(tmp_path):
-    out = tmp_path / "runs"
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *SMALL, "--epochs", "50", "--act", "relu", "--out",
-         str(out)],
-        cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        for line in proc.stdout:
-            if "epoch 1/50" in line:
-                break
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0]
-    assert (out / "relu" / "checkpoints" / "1").is_dir()
 
 
 @pytest.mark.slow
@@ -259,3 +229,64 @@ def test_a_truncated_checkpoint_falls_back_without_asyncio_tracebacks(runs):
     assert "never retrieved" not in proc.stderr
     assert "Falling back to an older checkpoint" in proc.stdout
     assert "resumed after epoch 1" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 21: seeds, repeated attacks, a JAX platform that is not here, a missing dataset.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cli", ["train.py", "attack.py"])
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999999", "1.5"])
+def test_bad_seeds_are_refused_before_anything(capsys, tmp_path, cli, seed):
+    out = tmp_path / "runs"
+    argv = [*SMALL, "--out", str(out)] if cli == "train.py" else [str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        (train if cli == "train.py" else attack).main([*argv, "--seed", seed])
+    assert e.value.code == 2
+    line = one_error_line(capsys.readouterr().err, cli)
+    assert "--seed" in line and ("[0, 4294967295]" in line or "not an integer" in line)
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_an_attack_named_twice_is_refused(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        attack.main([str(tmp_path), "--attacks", "fgsm", "pgd", "fgsm"])
+    assert e.value.code == 2
+    assert "--attacks names fgsm more than once" in one_error_line(
+        capsys.readouterr().err, "attack.py"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli", ["train.py", "attack.py"])
+def test_a_jax_platform_that_is_not_here_is_one_line(finished, tmp_path, cli):
+    env = dict(os.environ, JAX_PLATFORMS="cuda")  # this machine's jaxlib has no CUDA
+    out = tmp_path / "out"
+    if cli == "train.py":
+        proc = _cli(cli, *SMALL, "--epochs", "1", "--out", out, env=env)
+    else:
+        proc = _cli(cli, finished, "--quick", "--out", out, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = one_error_line(proc.stderr, cli)
+    assert "JAX cannot start a backend (JAX_PLATFORMS='cuda')" in line
+    assert len([x for x in proc.stderr.splitlines() if x.strip()]) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["empty", "default"])
+def test_a_missing_dataset_is_one_line_that_says_how(capsys, tmp_path, where):
+    (tmp_path / "tfds").mkdir()
+    argv = ["--data-dir", str(tmp_path / "tfds")] if where == "empty" else []
+    if where == "default" and data._tfds_dir(None).joinpath("cifar10").exists():
+        pytest.skip("cifar10 is prepared in this machine's tfds directory")
+    out = tmp_path / "runs"
+    capsys.readouterr()
+    assert train.main([*SMALL, "--dataset", "cifar10", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1, err
+    assert "dataset 'cifar10' is not available offline" in lines[0]
+    assert "(no cifar10/ folder there)" in lines[0] and "FileFormat" not in lines[0]
+    assert "tfds.data_source('cifar10'" in lines[0] and "--data-dir" in lines[0]
+    assert not out.exists()

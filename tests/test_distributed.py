@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +144,9 @@ def _finish(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
 def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path, script):
     env = {k: v for k, v in _env().items() if not k.startswith(("SLURM_", "OMPI_", "JAX_COORD"))}
     out = tmp_path / "runs"
-    args = _TRAIN if script == "train.py" else [str(tmp_path / "no-run"), "--quick"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")  # a run to attack, as far as start-up sees
+    args = _TRAIN if script == "train.py" else [str(tmp_path / "run"), "--quick"]
     proc = subprocess.run(
         [sys.executable, script, *args, "--distributed", "--out", str(out)], cwd=REPO,
         env=env, capture_output=True, text=True, timeout=120,
@@ -186,3 +190,92 @@ def test_two_processes_evaluate_like_one_process_with_two_devices(tmp_path):
                 np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     worst = [r["worst_case_accuracy"] for r in two_json["runs"]]
     assert worst == [r["worst_case_accuracy"] for r in one_json["runs"]]
+
+
+# --------------------------------------------------------------------------------------------
+# Faults: bounded waits, one line naming the process, a state that resumes.
+# --------------------------------------------------------------------------------------------
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err and "Check failure" not in err, err[-3000:]
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith("[Gloo]")]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), err[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_process_that_never_joins_is_named_in_one_line(tmp_path):
+    """Process 0 without process 1, and process 1 without process 0 (two clusters): each
+    waits --init-timeout seconds, not JAX's 5 minutes, then one line and status 2."""
+    procs = {
+        me: subprocess.Popen(
+            [
+                sys.executable,
+                "train.py",
+                *_TRAIN,
+                "--out",
+                str(tmp_path / f"alone{me}"),
+                "--coordinator-address",
+                f"127.0.0.1:{_free_port()}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(me),
+                "--init-timeout",
+                "3",
+            ],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for me in (0, 1)
+    }
+    try:
+        errs = {me: p.communicate(timeout=120)[1] for me, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for me, p in procs.items():
+        assert p.returncode == 2, errs[me][-3000:]
+        line = _one_error_line(errs[me])
+        missing = "process 1" if me == 0 else "process 0 (the coordinator at 127.0.0.1:"
+        assert f"--distributed: {missing}" in line and "did not join within 3 s" in line
+        assert not (tmp_path / f"alone{me}").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_process_is_named_and_the_run_resumes(tmp_path):
+    """kill -9 of process 1 while the checkpoint of epoch 2 is saved (or just after): process 0
+    names it in one line within seconds (--peer-timeout 3), whether its save or its next
+    collective failed first, and both processes started again with --resume finish."""
+    out = tmp_path / "two"
+    procs = _start_two(out, "--epochs", "8", "--peer-timeout", "3")
+    ckpt = out / "kwta" / "checkpoints"
+    try:
+        deadline = time.monotonic() + 180
+        while not (any(ckpt.glob("2.orbax-checkpoint-tmp*")) or (ckpt / "2").is_dir()):
+            assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.002)
+        procs[1].send_signal(signal.SIGKILL)
+        t_kill = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - t_kill
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[0].returncode == 2, err[-3000:]
+    line = _one_error_line(err)
+    assert "process 1 of 2 stopped" in line and "--resume" in line
+    assert waited < 30  # bounded by --peer-timeout (JAX alone: ~100 s, then SIGABRT)
+    outputs = _finish(_start_two(out, "--epochs", "8", "--resume"))
+    assert all("resumed after epoch" in o for o, _ in outputs)
+    history = [json.loads(x) for x in (out / "kwta" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(1, 9))

@@ -33,12 +33,16 @@ LAYERS: dict[str, int] = {
     "kwta_jax.data": 0,
     "kwta_jax.sharding": 0,
     "kwta_jax.subsets": 0,
-    # 1: the op layer (rank keys, selection, kernels, ops, layers, attacks, benchmark).
+    "kwta_jax.interrupts": 0,
+    # 1: the op layer (rank keys, selection, kernels, ops, layers, attacks, benchmark), and
+    # the two that clean up under the interrupts leaf: files written whole, directory locks.
+    "kwta_jax.atomic": 1,
+    "kwta_jax.locking": 1,
     "kwta_jax.models": 2,
     "kwta_jax.adapters": 2,
     "kwta_jax.preflight": 3,
     "kwta_jax.suites": 2,
-    "kwta_jax.results": 0,
+    "kwta_jax.results": 2,
     "kwta_jax.config": 3,
     "kwta_jax.runs": 4,
     "kwta_jax.training": 4,
