@@ -57,7 +57,7 @@ def test_cascade_runs_the_comparisons_on_a_sample_and_flags_the_same():
     res, diagnosis = _run(_masked(), mode="cascade")
     assert res.mode == "cascade" and diagnosis.complete
     assert diagnosis["square_beats_pgd"].fired and diagnosis["bpda_beats_pgd"].fired
-    assert any("full mode on a stratified sample of 32" in n for n in diagnosis.notes)
+    assert any("full mode at eps=0.3 on a stratified sample of 32" in n for n in diagnosis.notes)
     assert "no sign" not in reports.format_flags(diagnosis)
 
 
