@@ -1,4 +1,4 @@
-"""Fast exact k-th-largest selection in plain XLA: the ``"select"`` row implementation.
+"""Fast exact k-th-largest selection in plain XLA: the ``"select"`` selector.
 
 `jax.lax.top_k` on XLA:CPU sorts whole rows (about 100x a ReLU on ``[128, 65536]``), and a
 32-step bit bisection is exact but costs one full pass over the data per bit. This module finds
@@ -265,7 +265,10 @@ def default_unrolled_passes(backend: str) -> int:
 def kwta_rows_select(
     x2d: jax.Array, k: int, use_abs: bool, *, unrolled_passes: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Row implementation ``"select"``: exact k-WTA rows via `select_threshold_keys`.
+    """Exact k-WTA rows via `select_threshold_keys` and `apply_threshold` (the op layer's apply).
+
+    For kernels that fall back to ``"select"`` and for the GPU checks; the op itself uses
+    `select_threshold_keys` as its selector.
 
     Args:
       x2d: ``[rows, n]`` floating array.
@@ -276,7 +279,7 @@ def kwta_rows_select(
 
     Returns:
       ``(y2d [rows, n] same dtype, threshold_key [rows] unsigned)``, bit-identical to
-      `kwta_jax.ops.kwta_rows_topk`.
+      `apply_threshold` of `kwta_jax.ops.topk_threshold_keys`.
     """
     if unrolled_passes is None:
         unrolled_passes = default_unrolled_passes(jax.default_backend())
