@@ -32,12 +32,12 @@ KWTA_ATTR int64_t PartitionKeys(const typename S::W* a, int64_t m, typename S::W
   int64_t c = 0, i = 0;
   for (; i + S::kLanes <= m; i += S::kLanes) {
     const V v = S::Load(a + i);
-    acc = S::Count(acc, S::Gt(v, vhi));
+    acc = S::Count(acc, S::Le(v, vhi));
     const auto in = S::In(v, vlo, vspan);
     S::Compress(out + c, in, v);
     c += S::Pop(in);
   }
-  int64_t up = int64_t(S::Sum(acc));
+  int64_t up = i - int64_t(S::Sum(acc));
   for (; i < m; ++i) {
     const W v = a[i];
     up += v > hi;
@@ -72,94 +72,111 @@ KWTA_ATTR int64_t PartitionRaw(const K* x, int64_t n, typename S::W lo, typename
   int64_t c = 0, i = 0;
   for (; i + S::kLanes <= n; i += S::kLanes) {
     const V v = S::template Keys<K, kInf, kAbs>(x + i);
-    acc = S::Count(acc, S::Gt(v, vhi));
+    acc = S::Count(acc, S::Le(v, vhi));
     const auto in = S::In(v, vlo, vspan);
     S::Compress(out + c, in, v);
     c += S::Pop(in);
   }
-  *above = int64_t(S::Sum(acc));
+  *above = i - int64_t(S::Sum(acc));
   return PartitionTail<W, K, kInf, kAbs>(x, i, n, lo, hi, out, c, above);
 }
 
-// PartitionRaw for a bracket of positive floats: key(+0) < lo (<= with kAbs) and
-// hi <= key(+inf). There a key is bits | sign, so [lo, hi] is a range of raw bits; a key is
-// above hi if its bits are a larger positive number (positive NaNs included) or a negative NaN.
-template <class S, typename K, K kInf, bool kAbs>
-KWTA_ATTR int64_t PartitionPositive(const K* x, int64_t n, typename S::W lo, typename S::W hi,
-                                    typename S::W* out, int64_t* above) {
+// Fast passes for brackets inside one sign of the floats, where a key range is a range of the
+// raw bits: about half the vector operations of PartitionRaw. They store raw bits (KeysFromRaw
+// turns the few compressed ones into keys) and leave NaNs out: a row holding a NaN (seen through
+// a running maximum of |bits|, which costs less than a compare per vector) returns -1 and goes
+// through PartitionRaw instead.
+enum class Sign { kPositive, kNegative, kPositiveNoUpper };
+
+// kPositive: key(+0) < lo (<= with kAbs), hi <= key(+inf); a key is bits | sign, [lo, hi] is
+//   [lo ^ sign, hi ^ sign] in bits, and a key is above hi iff its bits are signed > hi ^ sign.
+// kPositiveNoUpper: as kPositive with hi = the largest key (k small: nothing above the bracket).
+// kNegative (not kAbs): hi < key(-0) = key(+0), key(-inf) <= lo; a key is ~bits, [lo, hi] is
+//   [~hi, ~lo] in (sign-extended) bits, and a key is above hi iff its bits are unsigned < ~hi.
+template <class S, typename K, K kInf, bool kAbs, Sign kSign_>
+KWTA_ATTR int64_t PartitionSigned(const K* x, int64_t n, typename S::W lo, typename S::W hi,
+                                  typename S::W* out, int64_t* above) {
   using W = typename S::W;
   using V = typename S::V;
-  const W lo_bits = W(K(lo) ^ kSign<K>), hi_bits = W(K(hi) ^ kSign<K>);
+  W lo_bits, hi_bits;
+  if constexpr (kSign_ == Sign::kNegative) {
+    lo_bits = SignExtend<W>(K(~K(hi)));
+    hi_bits = SignExtend<W>(K(~K(lo)));
+  } else {
+    lo_bits = W(K(lo) ^ kSign<K>);
+    hi_bits = kSign_ == Sign::kPositive ? W(K(hi) ^ kSign<K>) : W(kInf);
+  }
   const V vlo = S::Set1(lo_bits), vspan = S::Set1(W(hi_bits - lo_bits));
-  const V vhi = S::Set1(hi_bits), vsign = S::Set1(W(kSign<K>));
-  const V vnan = S::Set1(SignExtend<W>(K(kSign<K> | kInf)));
-  V acc = S::Set1(0);
+  const V vhi = S::Set1(hi_bits), vmag = S::Set1(W(K(~kSign<K>)));
+  const V vbelow = S::Set1(W(lo_bits - 1));  // kNegative: bits < ~hi, i.e. <= ~hi - 1
+  // NaNs: only a negative NaN escapes the counts of kPositive and kNegative (unsigned max of the
+  // bits), kPositiveNoUpper misses both signs (max of |bits|); with kAbs there is no sign.
+  constexpr bool kAnyNan = kSign_ == Sign::kPositiveNoUpper;
+  const W nan_bound = kAnyNan ? W(kInf) : SignExtend<W>(K(kSign<K> | kInf));
+  V acc = S::Set1(0), maxbits = S::Set1(0);
   int64_t c = 0, i = 0;
   for (; i + S::kLanes <= n; i += S::kLanes) {
     const V b = S::template Raw<K, kAbs>(x + i);
-    const auto up = kAbs ? S::GtS(b, vhi) : S::Or(S::GtS(b, vhi), S::Gt(b, vnan));
-    acc = S::Count(acc, up);
+    if constexpr (kAnyNan) {
+      maxbits = S::MaxU(maxbits, kAbs ? b : S::AndV(b, vmag));
+    } else if constexpr (!kAbs) {
+      maxbits = S::MaxU(maxbits, b);
+    }
+    if constexpr (kSign_ == Sign::kPositive) acc = S::Count(acc, S::GtS(b, vhi));
+    if constexpr (kSign_ == Sign::kNegative) acc = S::Count(acc, S::Le(b, vbelow));
     const auto in = S::In(b, vlo, vspan);
-    S::Compress(out + c, in, S::OrV(b, vsign));
+    S::Compress(out + c, in, b);
     c += S::Pop(in);
+  }
+  if (S::MaxLane(maxbits) > nan_bound) return -1;
+  for (int64_t j = 0; j < c; ++j) {  // raw bits -> keys
+    out[j] = kSign_ == Sign::kNegative ? W(~out[j]) : W(out[j] | W(kSign<K>));
+  }
+  for (int64_t j = i; j < n; ++j) {  // tail: any NaN sends the row to PartitionRaw
+    if (K(x[j] & K(~kSign<K>)) > kInf) return -1;
   }
   *above = int64_t(S::Sum(acc));
   return PartitionTail<W, K, kInf, kAbs>(x, i, n, lo, hi, out, c, above);
-}
-
-// PartitionRaw for a bracket of negative floats (not with kAbs): hi < key(-0) = key(+0) and
-// key(-inf) <= lo. There a key is ~bits, so [lo, hi] is the raw range [~hi, ~lo]; a key is above
-// hi if its bits are below ~hi (every non-negative float, -0, smaller magnitudes) or a NaN.
-template <class S, typename K, K kInf>
-KWTA_ATTR int64_t PartitionNegative(const K* x, int64_t n, typename S::W lo, typename S::W hi,
-                                    typename S::W* out, int64_t* above) {
-  using W = typename S::W;
-  using V = typename S::V;
-  const W lo_bits = SignExtend<W>(K(~K(hi))), hi_bits = SignExtend<W>(K(~K(lo)));
-  const V vlo = S::Set1(lo_bits), vspan = S::Set1(W(hi_bits - lo_bits));
-  const V vnan = S::Set1(SignExtend<W>(K(kSign<K> | kInf))), vones = S::Set1(kOnes<W>);
-  V acc = S::Set1(0);
-  int64_t c = 0, i = 0;
-  for (; i + S::kLanes <= n; i += S::kLanes) {
-    const V b = S::template Raw<K, false>(x + i);
-    acc = S::Count(acc, S::Or(S::Gt(vlo, b), S::Gt(b, vnan)));
-    const auto in = S::In(b, vlo, vspan);
-    S::Compress(out + c, in, S::XorV(b, vones));  // ~bits of a sign-extended negative
-    c += S::Pop(in);
-  }
-  *above = int64_t(S::Sum(acc));
-  return PartitionTail<W, K, kInf, false>(x, i, n, lo, hi, out, c, above);
 }
 
 // The pass over a row with the cheapest variant that is exact for [lo, hi].
 template <class S, typename K, K kInf, bool kAbs>
 KWTA_ATTR int64_t PartitionRow(const K* x, int64_t n, typename S::W lo, typename S::W hi,
                                typename S::W* out, int64_t* above) {
-  constexpr K kZeroKey = kSign<K>;
-  constexpr K kInfKey = K(kSign<K> | kInf);
-  constexpr K kMinusInfKey = K(~kInfKey);
-  if ((kAbs ? lo >= kZeroKey : lo > kZeroKey) && hi <= kInfKey && lo <= hi) {
-    return PartitionPositive<S, K, kInf, kAbs>(x, n, lo, hi, out, above);
+  using W = typename S::W;
+  constexpr W kZeroKey = kSign<K>;
+  constexpr W kInfKey = W(K(kSign<K> | kInf));
+  constexpr W kMinusInfKey = W(K(~K(kSign<K> | kInf)));
+  int64_t count = -1;
+  if (lo <= hi && (kAbs ? lo >= kZeroKey : lo > kZeroKey)) {
+    if (hi <= kInfKey) {
+      count = PartitionSigned<S, K, kInf, kAbs, Sign::kPositive>(x, n, lo, hi, out, above);
+    } else if (hi == W(kOnes<K>) && lo <= kInfKey) {
+      count = PartitionSigned<S, K, kInf, kAbs, Sign::kPositiveNoUpper>(x, n, lo, hi, out, above);
+      *above = 0;
+    }
+  } else if (!kAbs && lo <= hi && hi < kZeroKey && lo >= kMinusInfKey) {
+    count = PartitionSigned<S, K, kInf, false, Sign::kNegative>(x, n, lo, hi, out, above);
   }
-  if (!kAbs && hi < kZeroKey && lo >= kMinusInfKey && lo <= hi) {
-    return PartitionNegative<S, K, kInf>(x, n, lo, hi, out, above);
-  }
+  if (count >= 0) return count;
   return PartitionRaw<S, K, kInf, kAbs>(x, n, lo, hi, out, above);
 }
 
-// The a-th and b-th largest (1-based, a <= b) of the m keys in s: the smallest key with fewer
-// than a (resp. b) keys above it. O(m^2) counting, for samples of a few dozen keys.
+// The a-th and b-th largest (1-based, a <= b) of the m <= 64 keys in s: the smallest key with
+// fewer than a (resp. b) keys above it. O(m^2) counting in vectorised, branch-free loops: on
+// random keys a sort or nth_element mispredicts about every other comparison.
 template <typename W>
 KWTA_ATTR void SmallOrderStats(const W* s, int m, int a, int b, W* at_a, W* at_b) {
-  int greater[64];
+  W greater[64];
   for (int j = 0; j < m; ++j) greater[j] = 0;
   for (int i = 0; i < m; ++i) {
-    for (int j = 0; j < m; ++j) greater[j] += s[i] > s[j];
+    const W si = s[i];
+    for (int j = 0; j < m; ++j) greater[j] += W(si > s[j]);
   }
   W va = kOnes<W>, vb = kOnes<W>;
   for (int j = 0; j < m; ++j) {
-    if (greater[j] < a && s[j] < va) va = s[j];
-    if (greater[j] < b && s[j] < vb) vb = s[j];
+    va = greater[j] < W(a) ? std::min(va, s[j]) : va;
+    vb = greater[j] < W(b) ? std::min(vb, s[j]) : vb;
   }
   *at_a = va;
   *at_b = vb;
@@ -176,50 +193,109 @@ inline void BracketRanks(int64_t m, int64_t r, int64_t ns, double z, int64_t* a,
   *b = int64_t(std::ceil(centre + width));
 }
 
-constexpr int64_t kTinySelect = 48;  // below this many keys: std::nth_element
-constexpr int kInnerSample = 32;     // sample of a buffer level (<= 64, see SmallOrderStats)
-constexpr double kInnerZ = 1.5;
+constexpr int kSmall = 32;  // at most this many keys: SmallOrderStats (branch-free)
+constexpr int kMaxRadixBits = 8;
+constexpr int64_t kMaxRadix = 1024;  // more keys: a sample bracket first (vectorised, no scatter)
+constexpr int kLevelSample = 24;
+constexpr double kLevelZ = 1.0;
 
-// The r-th largest (1-based) of the m keys in a; b is scratch of the same size. Both are
-// reordered. Each level shrinks the candidates to a sample bracket (about a third of them).
+// One sample-bracket step on the m keys of a (into b): the keys of a sample bracket around the
+// r-th largest, or, if the bracket missed it (rare), the keys on its side. Updates m, r, lo, hi
+// (bounds of the kept keys) and returns false when the r-th largest is already known (in lo).
 template <class S>
-KWTA_ATTR typename S::W SelectRank(typename S::W* a, typename S::W* b, int64_t m, int64_t r) {
+KWTA_ATTR bool BracketStep(const typename S::W* a, typename S::W* b, int64_t* m, int64_t* r,
+                           typename S::W* lo, typename S::W* hi) {
   using W = typename S::W;
+  W sample[kLevelSample];
+  const int64_t stride = *m / kLevelSample;
+  for (int j = 0; j < kLevelSample; ++j) sample[j] = a[j * stride + stride / 2];
+  int64_t ra, rb;
+  BracketRanks(*m, *r, kLevelSample, kLevelZ, &ra, &rb);
+  W at_a, at_b;
+  SmallOrderStats<W>(sample, kLevelSample, int(std::max<int64_t>(ra, 1)),
+                     int(std::min<int64_t>(rb, kLevelSample)), &at_a, &at_b);
+  const W b_hi = ra >= 1 ? at_a : *hi, b_lo = rb <= kLevelSample ? at_b : *lo;
+  int64_t above;
+  const int64_t count = PartitionKeys<S>(a, *m, b_lo, b_hi, b, &above);
+  if (*r > above && *r <= above + count) {
+    *r -= above;
+    *m = count;
+    *lo = b_lo;
+    *hi = b_hi;
+    return b_lo != b_hi;
+  }
+  CountBracketMiss();
+  if (*r <= above) {  // the r-th largest is above the bracket
+    *m = PartitionKeys<S>(a, *m, W(b_hi + 1), *hi, b, &above);
+    *lo = W(b_hi + 1);
+  } else {
+    *r -= above + count;
+    *m = PartitionKeys<S>(a, *m, *lo, W(b_lo - 1), b, &above);
+    *hi = W(b_lo - 1);
+  }
+  return true;
+}
+
+// The r-th largest (1-based) of the m keys in a, all inside [lo, hi]; b is scratch of the same
+// size, and both are reordered. Many keys: sample-bracket steps (vectorised partitions). Then
+// radix select on the key range: a histogram over [lo, hi] (about m / 4 bins, at most 256) finds
+// the bin of the r-th largest, whose keys are compressed into the other buffer; the range
+// shrinks at least 16-fold per level. A few dozen keys: SmallOrderStats.
+template <class S>
+KWTA_ATTR typename S::W RadixSelect(typename S::W* a, typename S::W* b, int64_t m, int64_t r,
+                                    typename S::W lo, typename S::W hi) {
+  using W = typename S::W;
+  // Tighten the range to the keys' own (a bracket end may be "no bound": all keys above lo).
+  W min_key = kOnes<W>, max_key = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    min_key = std::min(min_key, a[i]);
+    max_key = std::max(max_key, a[i]);
+  }
+  lo = std::max(lo, min_key);
+  hi = std::min(hi, max_key);
+  uint32_t hist[1 << kMaxRadixBits];
+  bool brackets = true;  // until a sample bracket fails to shrink the keys (heavy ties)
   for (;;) {
-    if (m <= kTinySelect) {
-      std::nth_element(a, a + (r - 1), a + m, std::greater<W>());
-      return a[r - 1];
+    if (lo == hi) return lo;
+    if (m <= kSmall) {
+      W at_r, unused;
+      SmallOrderStats<W>(a, int(m), int(r), int(r), &at_r, &unused);
+      return at_r;
     }
-    W sample[kInnerSample];
-    const int64_t stride = m / kInnerSample;
-    for (int j = 0; j < kInnerSample; ++j) sample[j] = a[j * stride + stride / 2];
-    int64_t ra, rb;
-    BracketRanks(m, r, kInnerSample, kInnerZ, &ra, &rb);
-    W hi = kOnes<W>, lo = 0, at_a, at_b;
-    SmallOrderStats<W>(sample, kInnerSample, int(std::max<int64_t>(ra, 1)),
-                       int(std::min<int64_t>(rb, kInnerSample)), &at_a, &at_b);
-    if (ra >= 1) hi = at_a;
-    if (rb <= kInnerSample) lo = at_b;
-    int64_t above;
-    const int64_t count = PartitionKeys<S>(a, m, lo, hi, b, &above);
-    if (r > above && r <= above + count) {
-      if (lo == hi) return lo;
-      if (count == m) {  // no progress (e.g. lo and hi are the extremes): finish exactly
-        std::nth_element(a, a + (r - 1), a + m, std::greater<W>());
-        return a[r - 1];
-      }
-      r -= above;
-      m = count;
-    } else if (r <= above) {  // the threshold is above hi: keep the keys above it
-      CountBracketMiss();
-      m = PartitionKeys<S>(a, m, W(hi + 1), kOnes<W>, b, &above);
-    } else {  // below lo: keep the keys below it
-      CountBracketMiss();
-      r -= above + count;
-      m = PartitionKeys<S>(a, m, 0, W(lo - 1), b, &above);
+    if (brackets && m > kMaxRadix) {
+      const int64_t before = m;
+      if (!BracketStep<S>(a, b, &m, &r, &lo, &hi)) return lo;
+      std::swap(a, b);
+      brackets = m < before;
+      continue;
     }
+    const W span = W(hi - lo);
+    const int span_bits = int(8 * sizeof(W)) - (sizeof(W) == 8 ? __builtin_clzll(uint64_t(span))
+                                                                : __builtin_clz(uint32_t(span)));
+    int radix_bits = 4;
+    while (radix_bits < kMaxRadixBits && (int64_t(4) << radix_bits) < m) ++radix_bits;
+    const int shift = span_bits > radix_bits ? span_bits - radix_bits : 0;
+    const int bins = int(span >> shift) + 1;
+    std::memset(hist, 0, sizeof(uint32_t) * size_t(bins));
+    for (int64_t i = 0; i < m; ++i) ++hist[(a[i] - lo) >> shift];
+    int64_t above = 0;
+    int j = bins - 1;
+    while (above + hist[j] < r) above += hist[j--];
+    const W bin_lo = W(lo + (W(j) << shift));
+    const W bin_hi = j == bins - 1 ? hi : W(bin_lo + ((W(1) << shift) - 1));
+    int64_t unused;
+    m = PartitionKeys<S>(a, m, bin_lo, bin_hi, b, &unused);
+    r -= above;
+    lo = bin_lo;
+    hi = bin_hi;
     std::swap(a, b);
   }
+}
+
+// The r-th largest (1-based) of the m keys in a (reordered); b is scratch of the same size.
+template <class S>
+KWTA_ATTR typename S::W SelectRank(typename S::W* a, typename S::W* b, int64_t m, int64_t r) {
+  return RadixSelect<S>(a, b, m, r, 0, kOnes<typename S::W>);
 }
 
 // Keys of raw bits x[0, n) into out.
@@ -235,13 +311,13 @@ KWTA_ATTR void KeysOf(const K* x, int64_t n, typename S::W* out) {
 template <typename K>
 using LaneOps = std::conditional_t<sizeof(K) == 8, KWTA_S64, KWTA_S32>;
 
-constexpr int64_t kDirectRow = 256;  // rows up to this long: all keys into the buffer
-constexpr double kRowZ = 2.5;        // half-width of the row's bracket, in standard deviations
+constexpr int64_t kDirectRow = 4 * kSmall;  // rows up to this long: all keys into the buffer
+constexpr double kRowZ = 2.5;  // half-width of the row's bracket, in standard deviations
 
-// Keys in the row's sample: about n^(2/3) / 2 (Floyd-Rivest's order), whole vectors, <= n / 4.
+// Keys in the row's sample: about n^(2/3) / 4 (Floyd-Rivest's order), whole vectors, <= n / 4.
 template <class S>
 inline int64_t RowSampleChunks(int64_t n) {
-  const double want = 0.5 * std::cbrt(double(n) * double(n));
+  const double want = std::max(double(kSmall), 0.25 * std::cbrt(double(n) * double(n)));
   const int64_t keys = std::min<int64_t>({int64_t(want), 1024, n / 4});
   return std::max<int64_t>(2, keys / S::kLanes);
 }
@@ -267,21 +343,30 @@ KWTA_ATTR K SelectRow(const K* x, int64_t n, int64_t k, typename LaneOps<K>::W* 
   int64_t ra, rb;
   BracketRanks(n, k, ns, kRowZ, &ra, &rb);
   const W top = W(kOnes<K>);
-  const W hi = ra >= 1 ? SelectRank<S>(a, b, ns, ra) : top;
-  const W lo = rb <= ns ? SelectRank<S>(a + ns, b, ns, rb) : W(0);
+  W hi = top, lo = 0;
+  if (ns <= kSmall) {
+    W at_a, at_b;
+    SmallOrderStats<W>(a, int(ns), int(std::max<int64_t>(ra, 1)), int(std::min(rb, ns)), &at_a,
+                       &at_b);
+    if (ra >= 1) hi = at_a;
+    if (rb <= ns) lo = at_b;
+  } else {
+    if (ra >= 1) hi = SelectRank<S>(a, b, ns, ra);
+    if (rb <= ns) lo = SelectRank<S>(a + ns, b, ns, rb);
+  }
 
   int64_t above;
   const int64_t count = PartitionRow<S, K, kInf, kAbs>(x, n, lo, hi, a, &above);
   const int64_t r = k - above;
-  if (r >= 1 && r <= count) return K(lo == hi ? lo : SelectRank<S>(a, b, count, r));
+  if (r >= 1 && r <= count) return K(RadixSelect<S>(a, b, count, r, lo, hi));
   int64_t unused;
   CountBracketMiss();
   if (r < 1) {  // more than k keys above hi: the threshold is among them
     const int64_t m = PartitionRaw<S, K, kInf, kAbs>(x, n, W(hi + 1), top, a, &unused);
-    return K(SelectRank<S>(a, b, m, k));
+    return K(RadixSelect<S>(a, b, m, k, W(hi + 1), top));
   }
   const int64_t m = PartitionRaw<S, K, kInf, kAbs>(x, n, W(0), W(lo - 1), a, &unused);
-  return K(SelectRank<S>(a, b, m, r - count));
+  return K(RadixSelect<S>(a, b, m, r - count, W(0), W(lo - 1)));
 }
 
 // Rows [r0, r1) of x [rows, n] -> their threshold keys th[r0, r1).

@@ -8,10 +8,12 @@
 //   Set1(w), Load(p), Store  broadcast; load / store kLanes keys
 //   Keys<K, kInf, kAbs>(p)   kLanes rank keys of raw float bits (16-bit inputs widen to 32 bits)
 //   Raw<K, kAbs>(p)          kLanes raw bits, sign-extended to W (|x| bits with kAbs)
-//   Gt(a, b), GtS(a, b)      unsigned / signed a > b per lane
+//   Le(a, b), Gt(a, b)       unsigned a <= b, a > b per lane
+//   GtS(a, b)                signed a > b per lane
 //   In(x, lo, span)          lo <= x <= lo + span (unsigned, wrapping)
 //   Or(m, n), Pop(m)         mask union, number of set lanes
-//   OrV(a, b), XorV(a, b)    bitwise ops
+//   OrV, XorV, AndV, MaxU    bitwise ops, unsigned max per lane
+//   MaxLane(v)               largest lane (unsigned)
 //   Count(acc, m), Sum(acc)  per-lane counters: acc += m; their total
 //   Compress(out, m, v)      stores the lanes of v selected by m contiguously at out; may write
 //                            kLanes keys (the caller leaves room), advances nothing
@@ -74,6 +76,7 @@ struct ScalarOps {
   static V Raw(const K* p) {
     return SignExtend<W>(kAbs ? K(*p & K(~kSign<K>)) : *p);
   }
+  static M Le(V a, V b) { return a <= b; }
   static M Gt(V a, V b) { return a > b; }
   static M GtS(V a, V b) { return std::make_signed_t<W>(a) > std::make_signed_t<W>(b); }
   static M In(V x, V lo, V span) { return W(x - lo) <= span; }
@@ -81,6 +84,9 @@ struct ScalarOps {
   static int Pop(M m) { return m; }
   static V OrV(V a, V b) { return a | b; }
   static V XorV(V a, V b) { return a ^ b; }
+  static V AndV(V a, V b) { return a & b; }
+  static V MaxU(V a, V b) { return a > b ? a : b; }
+  static W MaxLane(V v) { return v; }
   static V Count(V acc, M m) { return acc + W(m); }
   static uint64_t Sum(V acc) { return acc; }
   static void Compress(W* out, M, V v) { *out = v; }
@@ -105,14 +111,14 @@ struct CompressTable8 {
 };
 inline constexpr CompressTable8 kCompressTable8{};
 
-// 8 x 32-bit lanes. AVX2 has no unsigned compare (xor the sign bit, compare signed) and no
-// compress (a permutation from a table indexed by the 8-bit mask).
+// 8 x 32-bit lanes. Masks stay vectors (all-ones lanes): counting is then one subtraction.
+// AVX2 has no unsigned compare (max + equality instead) and no compress (a permutation from a
+// table indexed by the 8-bit mask).
 struct Avx2x32 {
   using W = uint32_t;
   using V = __m256i;
-  using M = uint32_t;
+  using M = __m256i;
   static constexpr int kLanes = 8;
-
 
   KWTA_AVX2 static V Set1(W w) { return _mm256_set1_epi32(int(w)); }
   KWTA_AVX2 static V Load(const W* p) { return _mm256_loadu_si256((const __m256i*)p); }
@@ -141,25 +147,25 @@ struct Avx2x32 {
     const V nan = _mm256_cmpgt_epi32(mag, Set1(W(kInf)));
     return _mm256_or_si256(key, _mm256_and_si256(nan, Set1(W(kOnes<K>))));
   }
-  KWTA_AVX2 static M Mask(V m) { return uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(m))); }
-  KWTA_AVX2 static M Gt(V a, V b) {
-    const V s = Set1(0x80000000u);
-    return Mask(_mm256_cmpgt_epi32(_mm256_xor_si256(a, s), _mm256_xor_si256(b, s)));
-  }
-  KWTA_AVX2 static M GtS(V a, V b) { return Mask(_mm256_cmpgt_epi32(a, b)); }
-  KWTA_AVX2 static M In(V x, V lo, V span) {
-    return Gt(_mm256_sub_epi32(x, lo), span) ^ 0xffu;
-  }
-  static M Or(M a, M b) { return a | b; }
-  KWTA_AVX2 static int Pop(M m) { return __builtin_popcount(m); }
+  KWTA_AVX2 static M Le(V a, V b) { return _mm256_cmpeq_epi32(_mm256_max_epu32(a, b), b); }
+  KWTA_AVX2 static M Gt(V a, V b) { return _mm256_xor_si256(Le(a, b), Set1(~0u)); }
+  KWTA_AVX2 static M GtS(V a, V b) { return _mm256_cmpgt_epi32(a, b); }
+  KWTA_AVX2 static M In(V x, V lo, V span) { return Le(_mm256_sub_epi32(x, lo), span); }
+  KWTA_AVX2 static M Or(M a, M b) { return _mm256_or_si256(a, b); }
+  KWTA_AVX2 static uint32_t Bits(M m) { return uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(m))); }
+  KWTA_AVX2 static int Pop(M m) { return __builtin_popcount(Bits(m)); }
   KWTA_AVX2 static V OrV(V a, V b) { return _mm256_or_si256(a, b); }
   KWTA_AVX2 static V XorV(V a, V b) { return _mm256_xor_si256(a, b); }
-  KWTA_AVX2 static V Count(V acc, M m) {
-    // Expand the 8-bit mask to lanes of 0 / 1.
-    const V bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const V hit = _mm256_cmpeq_epi32(_mm256_and_si256(Set1(m), bits), bits);
-    return _mm256_sub_epi32(acc, hit);
+  KWTA_AVX2 static V AndV(V a, V b) { return _mm256_and_si256(a, b); }
+  KWTA_AVX2 static V MaxU(V a, V b) { return _mm256_max_epu32(a, b); }
+  KWTA_AVX2 static W MaxLane(V v) {
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256((__m256i*)lanes, v);
+    uint32_t m = 0;
+    for (uint32_t l : lanes) m = l > m ? l : m;
+    return m;
   }
+  KWTA_AVX2 static V Count(V acc, M m) { return _mm256_sub_epi32(acc, m); }
   KWTA_AVX2 static uint64_t Sum(V acc) {
     alignas(32) uint32_t lanes[8];
     _mm256_store_si256((__m256i*)lanes, acc);
@@ -168,7 +174,7 @@ struct Avx2x32 {
     return s;
   }
   KWTA_AVX2 static void Compress(W* out, M m, V v) {
-    const V perm = _mm256_load_si256((const __m256i*)kCompressTable8.index[m]);
+    const V perm = _mm256_load_si256((const __m256i*)kCompressTable8.index[Bits(m)]);
     _mm256_storeu_si256((__m256i*)out, _mm256_permutevar8x32_epi32(v, perm));
   }
 };
@@ -205,6 +211,7 @@ struct Avx512x32 {
     const M nan = _mm512_cmpgt_epu32_mask(mag, Set1(W(kInf)));
     return _mm512_mask_mov_epi32(key, nan, Set1(W(kOnes<K>)));
   }
+  KWTA_AVX512 static M Le(V a, V b) { return _mm512_cmple_epu32_mask(a, b); }
   KWTA_AVX512 static M Gt(V a, V b) { return _mm512_cmpgt_epu32_mask(a, b); }
   KWTA_AVX512 static M GtS(V a, V b) { return _mm512_cmpgt_epi32_mask(a, b); }
   KWTA_AVX512 static M In(V x, V lo, V span) {
@@ -214,6 +221,9 @@ struct Avx512x32 {
   KWTA_AVX512 static int Pop(M m) { return __builtin_popcount(m); }
   KWTA_AVX512 static V OrV(V a, V b) { return _mm512_or_si512(a, b); }
   KWTA_AVX512 static V XorV(V a, V b) { return _mm512_xor_si512(a, b); }
+  KWTA_AVX512 static V AndV(V a, V b) { return _mm512_and_si512(a, b); }
+  KWTA_AVX512 static V MaxU(V a, V b) { return _mm512_max_epu32(a, b); }
+  KWTA_AVX512 static W MaxLane(V v) { return _mm512_reduce_max_epu32(v); }
   KWTA_AVX512 static V Count(V acc, M m) {
     return _mm512_mask_sub_epi32(acc, m, acc, _mm512_set1_epi32(-1));
   }
@@ -253,6 +263,7 @@ struct Avx512x64 {
     const M nan = _mm512_cmpgt_epu64_mask(mag, Set1(W(kInf)));
     return _mm512_mask_mov_epi64(key, nan, Set1(kOnes<K>));
   }
+  KWTA_AVX512 static M Le(V a, V b) { return _mm512_cmple_epu64_mask(a, b); }
   KWTA_AVX512 static M Gt(V a, V b) { return _mm512_cmpgt_epu64_mask(a, b); }
   KWTA_AVX512 static M GtS(V a, V b) { return _mm512_cmpgt_epi64_mask(a, b); }
   KWTA_AVX512 static M In(V x, V lo, V span) {
@@ -262,6 +273,9 @@ struct Avx512x64 {
   KWTA_AVX512 static int Pop(M m) { return __builtin_popcount(m); }
   KWTA_AVX512 static V OrV(V a, V b) { return _mm512_or_si512(a, b); }
   KWTA_AVX512 static V XorV(V a, V b) { return _mm512_xor_si512(a, b); }
+  KWTA_AVX512 static V AndV(V a, V b) { return _mm512_and_si512(a, b); }
+  KWTA_AVX512 static V MaxU(V a, V b) { return _mm512_max_epu64(a, b); }
+  KWTA_AVX512 static W MaxLane(V v) { return _mm512_reduce_max_epu64(v); }
   KWTA_AVX512 static V Count(V acc, M m) {
     return _mm512_mask_sub_epi64(acc, m, acc, _mm512_set1_epi64(-1));
   }
