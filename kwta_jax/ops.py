@@ -13,13 +13,24 @@ a554b554/kWTA-Activation):
 * The threshold is computed **per sample** (per row of the batch), never from the first sample
   of the batch.
 
-Ordering of special values (every implementation agrees bit-for-bit on it):
+Ordering of special values (every implementation agrees on it):
 
 * ``-0.0`` and ``+0.0`` compare equal (IEEE), so they tie.
 * ``+inf`` is larger than every finite value and ``-inf`` smaller.
 * Every NaN (any sign or payload) ranks *above* ``+inf`` (like ``torch.topk`` and NumPy's
   sort), and all NaNs tie with each other. A NaN that wins is propagated unchanged; if at least
   ``k`` entries of a group are NaN, only the NaNs survive.
+
+Bits: every implementation gives the same output as the ``lax.top_k`` reference, bit for bit,
+and a winner is its input's bit pattern (NaN payloads, signalling NaNs, subnormals, the sign of
+zero), eagerly, under ``jit`` and ``vmap``, for ``groups="channel"`` (its transposes move bit
+patterns) and for a batch-sharded input on several devices: the output is always selected from
+the caller's own copy of ``x`` with integer operations. What XLA does outside the op can still
+change bits: XLA:CPU (jaxlib 0.10.2) runs a bfloat16 all-gather in float32 (convert, gather,
+convert back), which turns every NaN into 0x7FC0 / 0xFFC0, so resharding a bfloat16 output
+(e.g. ``with_sharding_constraint`` to replicated) loses its NaN payloads. Inside the op such a
+gathered copy only feeds a selector (the FFI kernels make XLA gather their input), whose rank
+keys treat all NaNs alike.
 
 With ``use_abs=True`` units are ranked by ``|x|`` but keep their signed value (the official
 ``*_abs`` variants).
