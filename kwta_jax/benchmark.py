@@ -5,8 +5,8 @@ for every shape and ratio and under four transforms (``fwd``; ``grad_sq``: the g
 ``sum(y**2)``; ``grad_dot``: the gradient of ``<y, g>``; ``vjp``: ``y`` and its pullback of
 ``g``), ``jax.nn.relu`` and ``kwta`` with each implementation (``auto`` and the selectors the
 backend runs: ``select``, ``cpu`` where the C++ kernel builds, ``pallas`` on a GPU or TPU;
-``topk``, the reference, in ``fwd`` only unless asked: it is a full sort on XLA:CPU). Small-k
-cases (TopK sparse autoencoders: a few winners in long rows) add ``lax.top_k`` plus a scatter.
+``topk``, the reference, only with ``--impls``: it is a full sort on XLA:CPU). Small-k cases
+(TopK sparse autoencoders: a few winners in long rows) add ``lax.top_k`` plus a scatter.
 When ``import torch`` works, the official PyTorch k-WTA (a554b554/kWTA-Activation
 ``Sparsify1D`` / ``Sparsify2D_vol``: ``topk``, then ``x * (x >= k-th value)``; our own copy of
 it, `official_pytorch_kwta`) runs beside, on as many threads as XLA's CPU pool.
@@ -246,7 +246,7 @@ def _cases(shapes, ratios, small_k, impls, modes, topk_modes, torch, dtype):
                         continue  # ReLU does not depend on the ratio: timed once per shape
                     record = {"shape": list(shape), kind: value, "mode": mode, "impl": impl}
                     if impl == "auto":
-                        record["resolved"] = resolve_impl("auto", winners, n)
+                        record["resolved"] = resolve_impl("auto")
                     act = _activation(impl, ratio, k)
                     cases.append((record, _transformed(act, mode), (x, g)))
                 if torch is not None:
@@ -273,11 +273,12 @@ def run_benchmark(
     """Times every case, interleaved over ``rounds``; returns one record per case.
 
     Records: ``{"shape", "ratio" or "k", "mode", "impl", "ms", "rounds_ms"}`` (``impl="auto"``
-    also has ``"resolved"``). ``impls`` defaults to `default_impls` (plus ``topk``, timed in
-    ``topk_modes`` only); ``torch`` joins when ``use_torch`` and it imports.
+    also has ``"resolved"``). ``impls`` defaults to `default_impls`; ``topk`` (the reference,
+    a full sort of the rank keys on XLA:CPU: seconds per call on the large shapes) is timed in
+    ``topk_modes`` only when asked for; ``torch`` joins when ``use_torch`` and it imports.
     """
     if impls is None:
-        impls = default_impls() + ["topk"]
+        impls = default_impls()
     torch = _torch() if use_torch else None
     if torch is not None:
         # The same thread count as XLA's CPU pool (one per core).

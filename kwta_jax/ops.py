@@ -142,12 +142,12 @@ IMPLEMENTATIONS: dict[str, Selector] = {
 FUSED_FORWARD: dict[str, FusedForward] = {}
 
 
-def resolve_impl(impl: str, k: int | None = None, n: int | None = None) -> str:
+def resolve_impl(impl: str) -> str:
     """Name of the selector that ``impl`` selects on the default backend.
 
-    ``"auto"`` picks the fastest exact selector available for `jax.default_backend` and, when
-    given, the number of winners ``k`` of rows of ``n`` units (measurements behind each choice:
-    docs/benchmarks.md).
+    ``"auto"`` picks the fastest exact selector available for `jax.default_backend`
+    (measurements behind each choice: docs/benchmarks.md). How a few winners in long rows are
+    found (the small-k path) is the selector's own choice, by k and n.
     """
     if impl == "auto":
         backend = jax.default_backend()
@@ -158,10 +158,6 @@ def resolve_impl(impl: str, k: int | None = None, n: int | None = None) -> str:
         single_cpu = backend == "cpu" and jax.local_device_count() == 1
         if single_cpu and cpu_kernel_available():
             return "cpu"
-        # "select" refines a bracket with passes of counts; for a few winners in long rows
-        # top_k's partial sort needs fewer passes over the data.
-        if backend == "cpu" and k is not None and n is not None and _few_winners(k, n):
-            return "topk"
         # TPU: "select"; the Pallas kernel lowers for Mosaic but has not run on a TPU yet.
         return "select"
     if impl not in IMPLEMENTATIONS:
@@ -169,11 +165,6 @@ def resolve_impl(impl: str, k: int | None = None, n: int | None = None) -> str:
             f"kwta: impl must be 'auto' or one of {sorted(IMPLEMENTATIONS)}; got {impl!r}."
         )
     return impl
-
-
-def _few_winners(k: int, n: int) -> bool:
-    """Whether top_k beats "select" on XLA:CPU for k winners in rows of n (docs/benchmarks.md)."""
-    return k <= 256 and 64 * k <= n
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,7 +351,7 @@ def _to_rows(x, ratio, k, groups, axes, use_abs, impl):
     if n == 0:
         raise ValueError(f"kwta: the competition group of x with shape {x.shape} is empty.")
     kk = num_winners(n, ratio, k)
-    return xt.reshape(-1, n), (xt.shape, perm), kk, resolve_impl(impl, kk, n)
+    return xt.reshape(-1, n), (xt.shape, perm), kk, resolve_impl(impl)
 
 
 def _from_rows(y2d, layout):

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from kwta_jax.kernels.kwta_cpu import cpu_kernel_available
 from kwta_reference import numpy_kwta, same_bits
 
-from kwta_jax import kwta, kwta_bpda, kwta_mask, num_winners
-from kwta_jax.ops import IMPLEMENTATIONS, competition_axes
-from kwta_jax.rank_keys import rank_keys
+from kwta_jax import kwta, kwta_bpda, kwta_mask, num_winners, ops
+from kwta_jax.ops import IMPLEMENTATIONS, competition_axes, topk_threshold_keys
+from kwta_jax.rank_keys import apply_threshold, rank_keys
 
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 SPECIALS = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan]
@@ -381,6 +381,57 @@ def test_winners_keep_every_bit(impl, groups):
     kept = got != 0
     np.testing.assert_array_equal(got[kept], bits[kept])  # the winners' own bit patterns
     assert PAYLOAD_NANS <= set(got.tolist())  # every NaN payload wins and survives
+
+
+def test_a_fused_forward_kernel_serves_the_forward_only(monkeypatch):
+    """The hook for kernels that write y themselves: used for the plain forward; under
+    differentiation the op's selector + apply_threshold (the one derivative rule) take over."""
+    calls = []
+
+    def fused(x2d, k, use_abs):
+        calls.append(x2d.shape)
+        threshold_key = topk_threshold_keys(x2d, k, use_abs)
+        return apply_threshold(x2d, threshold_key, use_abs)
+
+    monkeypatch.setitem(ops.FUSED_FORWARD, "topk", fused)
+    x = smooth_input(jax.random.key(21), (3, 20))
+    g = jax.random.normal(jax.random.key(22), x.shape)
+    monkeypatch.delitem(ops.FUSED_FORWARD, "topk")
+    want_y = kwta(x, ratio=0.25, impl="topk")
+    want_grad = jax.grad(lambda v: jnp.vdot(kwta(v, ratio=0.25, impl="topk"), g))(x)
+    monkeypatch.setitem(ops.FUSED_FORWARD, "topk", fused)
+    np.testing.assert_array_equal(kwta(x, ratio=0.25, impl="topk"), want_y)
+    assert calls
+    grad = jax.jit(jax.grad(lambda v: jnp.vdot(kwta(v, ratio=0.25, impl="topk"), g)))(x)
+    np.testing.assert_array_equal(grad, want_grad)
+    hessian = jax.hessian(lambda v: jnp.sum(kwta(v, ratio=0.25, impl="topk") ** 2))(x[:1, :8])
+    mask = np.asarray(kwta_mask(x[:1, :8], ratio=0.25, impl="topk"))[0]
+    np.testing.assert_array_equal(hessian.reshape(8, 8), 2.0 * np.diag(mask))
+
+
+def test_selectors_have_no_derivative_rule_and_see_no_tangents(monkeypatch):
+    """The op hands selectors stop_gradient values: a selector that is not differentiable at
+    all (here: a host callback) still gives grad, jvp and vmap of kwta."""
+
+    def host_selector(x2d, k, use_abs):
+        keys = jax.pure_callback(
+            lambda a: np.sort(np.asarray(a), axis=-1)[..., a.shape[-1] - k],
+            jax.ShapeDtypeStruct(x2d.shape[:-1], np.uint32),
+            rank_keys(x2d, use_abs),
+            vmap_method="expand_dims",
+        )
+        return keys
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "host", host_selector)
+    x = smooth_input(jax.random.key(23), (3, 12))
+    g = jax.random.normal(jax.random.key(24), x.shape)
+    mask = kwta_mask(x, k=4, impl="topk")
+    grad = jax.grad(lambda v: jnp.vdot(kwta(v, k=4, impl="host"), g))(x)
+    np.testing.assert_array_equal(grad, jnp.where(mask, g, 0.0))
+    tangent = jax.jvp(lambda v: kwta(v, k=4, impl="host"), (x,), (g,))[1]
+    np.testing.assert_array_equal(tangent, jnp.where(mask, g, 0.0))
+    stacked = jax.vmap(lambda v: kwta(v, k=4, impl="host"))(jnp.stack([x, -x]))
+    np.testing.assert_array_equal(stacked[1], kwta(-x, k=4, impl="topk"))
 
 
 def test_nested_lists_are_arrays():
