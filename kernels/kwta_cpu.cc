@@ -44,8 +44,8 @@ using kwta::SelectRows;
 const int64_t kBestIsa = kwta::BestIsa();
 
 // Work below which a call stays on the calling thread, and the least work per chunk.
-constexpr int64_t kMinParallelWork = int64_t(1) << 18;
-constexpr int64_t kMinChunkWork = int64_t(1) << 16;
+constexpr int64_t kMinParallelWork = int64_t(1) << 16;
+constexpr int64_t kMinChunkWork = int64_t(1) << 15;
 
 // Runs fn(chunk) for chunk in [0, nchunks) on the calling thread and the intra-op pool.
 class ParallelFor {

@@ -163,15 +163,24 @@ KWTA_ATTR int64_t PartitionRow(const K* x, int64_t n, typename S::W lo, typename
 }
 
 // The a-th and b-th largest (1-based, a <= b) of the m <= 64 keys in s: the smallest key with
-// fewer than a (resp. b) keys above it. O(m^2) counting in vectorised, branch-free loops: on
-// random keys a sort or nth_element mispredicts about every other comparison.
-template <typename W>
-KWTA_ATTR void SmallOrderStats(const W* s, int m, int a, int b, W* at_a, W* at_b) {
-  W greater[64];
-  for (int j = 0; j < m; ++j) greater[j] = 0;
-  for (int i = 0; i < m; ++i) {
-    const W si = s[i];
-    for (int j = 0; j < m; ++j) greater[j] += W(si > s[j]);
+// fewer than a (resp. b) keys above it. O(m^2) counting, branch-free: on random keys a sort or
+// nth_element mispredicts about every other comparison. Each vector of candidates s[j..] keeps
+// its counts of larger keys in a register while all m keys go by.
+template <class S>
+KWTA_ATTR void SmallOrderStats(const typename S::W* s, int m, int a, int b,
+                               typename S::W* at_a, typename S::W* at_b) {
+  using W = typename S::W;
+  using V = typename S::V;
+  constexpr int kMax = 64;
+  W padded[kMax + S::kLanes];
+  W greater[kMax + S::kLanes];
+  for (int j = 0; j < m; ++j) padded[j] = s[j];
+  for (int j = m; j < kMax + S::kLanes; ++j) padded[j] = 0;
+  for (int j = 0; j < m; j += S::kLanes) {
+    const V sj = S::Load(padded + j);
+    V count = S::Set1(0);
+    for (int i = 0; i < m; ++i) count = S::Count(count, S::Gt(S::Set1(s[i]), sj));
+    S::Store(greater + j, count);
   }
   W va = kOnes<W>, vb = kOnes<W>;
   for (int j = 0; j < m; ++j) {
@@ -193,7 +202,8 @@ inline void BracketRanks(int64_t m, int64_t r, int64_t ns, double z, int64_t* a,
   *b = int64_t(std::ceil(centre + width));
 }
 
-constexpr int kSmall = 32;  // at most this many keys: SmallOrderStats (branch-free)
+constexpr int kSmall = 32;        // at most this many keys: SmallOrderStats (branch-free)
+constexpr int kSmallSample = 64;  // a row sample this small: SmallOrderStats for both ends
 constexpr int kMaxRadixBits = 8;
 constexpr int64_t kMaxRadix = 1024;  // more keys: a sample bracket first (vectorised, no scatter)
 constexpr int kLevelSample = 24;
@@ -212,7 +222,7 @@ KWTA_ATTR bool BracketStep(const typename S::W* a, typename S::W* b, int64_t* m,
   int64_t ra, rb;
   BracketRanks(*m, *r, kLevelSample, kLevelZ, &ra, &rb);
   W at_a, at_b;
-  SmallOrderStats<W>(sample, kLevelSample, int(std::max<int64_t>(ra, 1)),
+  SmallOrderStats<S>(sample, kLevelSample, int(std::max<int64_t>(ra, 1)),
                      int(std::min<int64_t>(rb, kLevelSample)), &at_a, &at_b);
   const W b_hi = ra >= 1 ? at_a : *hi, b_lo = rb <= kLevelSample ? at_b : *lo;
   int64_t above;
@@ -259,7 +269,7 @@ KWTA_ATTR typename S::W RadixSelect(typename S::W* a, typename S::W* b, int64_t 
     if (lo == hi) return lo;
     if (m <= kSmall) {
       W at_r, unused;
-      SmallOrderStats<W>(a, int(m), int(r), int(r), &at_r, &unused);
+      SmallOrderStats<S>(a, int(m), int(r), int(r), &at_r, &unused);
       return at_r;
     }
     if (brackets && m > kMaxRadix) {
@@ -322,10 +332,26 @@ inline int64_t RowSampleChunks(int64_t n) {
   return std::max<int64_t>(2, keys / S::kLanes);
 }
 
+// What every row of a call shares: its sample's size and the sample ranks of its bracket
+// (computed once per call: they need floating-point library calls).
+struct RowPlan {
+  int64_t chunks, ns, ra, rb;
+};
+
+template <class S>
+inline RowPlan PlanRows(int64_t n, int64_t k) {
+  RowPlan plan{};
+  if (n <= kDirectRow) return plan;
+  plan.chunks = RowSampleChunks<S>(n);
+  plan.ns = plan.chunks * S::kLanes;
+  BracketRanks(n, k, plan.ns, kRowZ, &plan.ra, &plan.rb);
+  return plan;
+}
+
 // The k-th largest rank key of the row x[0, n) (raw float bits). a and b: scratch of n + 64.
 template <typename K, K kInf, bool kAbs>
-KWTA_ATTR K SelectRow(const K* x, int64_t n, int64_t k, typename LaneOps<K>::W* a,
-                      typename LaneOps<K>::W* b) {
+KWTA_ATTR K SelectRow(const K* x, int64_t n, int64_t k, const RowPlan& plan,
+                      typename LaneOps<K>::W* a, typename LaneOps<K>::W* b) {
   using S = LaneOps<K>;
   using W = typename S::W;
   if (n <= kDirectRow) {
@@ -333,20 +359,17 @@ KWTA_ATTR K SelectRow(const K* x, int64_t n, int64_t k, typename LaneOps<K>::W* 
     return K(SelectRank<S>(a, b, n, k));
   }
   // Sample: whole vectors of contiguous keys spread over the row, twice (selection reorders).
-  const int64_t chunks = RowSampleChunks<S>(n);
-  const int64_t ns = chunks * S::kLanes;
+  const int64_t chunks = plan.chunks, ns = plan.ns, ra = plan.ra, rb = plan.rb;
   for (int64_t j = 0; j < chunks; ++j) {
     const int64_t start = j * (n - S::kLanes) / (chunks - 1);
     S::Store(a + j * S::kLanes, S::template Keys<K, kInf, kAbs>(x + start));
   }
   std::memcpy(a + ns, a, sizeof(W) * size_t(ns));
-  int64_t ra, rb;
-  BracketRanks(n, k, ns, kRowZ, &ra, &rb);
   const W top = W(kOnes<K>);
   W hi = top, lo = 0;
-  if (ns <= kSmall) {
+  if (ns <= kSmallSample) {
     W at_a, at_b;
-    SmallOrderStats<W>(a, int(ns), int(std::max<int64_t>(ra, 1)), int(std::min(rb, ns)), &at_a,
+    SmallOrderStats<S>(a, int(ns), int(std::max<int64_t>(ra, 1)), int(std::min(rb, ns)), &at_a,
                        &at_b);
     if (ra >= 1) hi = at_a;
     if (rb <= ns) lo = at_b;
@@ -374,8 +397,9 @@ template <typename K, K kInf, bool kAbs>
 KWTA_ATTR void SelectRows(const K* x, K* th, int64_t r0, int64_t r1, int64_t n, int64_t k) {
   using W = typename LaneOps<K>::W;
   Scratch<W>& s = ThreadScratch<W>(n + 64);
+  const RowPlan plan = PlanRows<LaneOps<K>>(n, k);
   for (int64_t r = r0; r < r1; ++r) {
-    th[r] = SelectRow<K, kInf, kAbs>(x + r * n, n, k, s.a.data(), s.b.data());
+    th[r] = SelectRow<K, kInf, kAbs>(x + r * n, n, k, plan, s.a.data(), s.b.data());
   }
 }
 
