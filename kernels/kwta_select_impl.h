@@ -7,12 +7,19 @@
 //   KWTA_S64   lane ops for uint64_t keys (float64 inputs),
 // so that every loop below is compiled (and auto-vectorised) for that instruction set.
 //
-// A row of n keys costs about one pass: a sample of the row brackets the threshold between two
-// sample keys [lo, hi] chosen to hold it with high probability; one pass over the row counts
-// the keys above hi and compresses the keys inside [lo, hi] (a few % of the row) into a buffer;
-// the same step repeats on the buffer, with smaller samples, until a few dozen keys are left.
-// If the threshold falls outside a bracket (rare), the keys on its side are gathered instead.
-// Everything is exact integer arithmetic on rank keys; the sampling only decides the cost.
+// A row of n keys costs about one pass: a sample of the row (about n^(2/3) / 4 keys) brackets
+// the threshold between two sample keys [lo, hi] chosen to hold it with high probability; one
+// vectorised pass over the row counts the keys above hi and compresses the keys inside [lo, hi]
+// (a few % of the row) into a buffer. The buffer's answer is then found by more sample brackets
+// while it is large, by radix select on the bracket's key range below that, and by branch-free
+// counting for the last few dozen keys. If the threshold falls outside a bracket (rare), the keys
+// on its side are gathered instead. Everything is exact integer arithmetic on rank keys; the
+// sampling only decides the cost.
+//
+// Small k (the TopK-autoencoder regime, a few winners in long rows) is the same algorithm: the
+// bracket's sample rank falls below 1, so it has no upper end, the pass only compresses the
+// keys above lo (about n k / ns of them) and nothing is counted. So the choice between the two
+// regimes is made by k and n alone, per call.
 //
 // The pass over the row avoids the full rank-key transform when the bracket lies inside the
 // positive or the negative floats: there a key range is a range of the raw bits.

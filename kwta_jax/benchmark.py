@@ -11,11 +11,10 @@ When ``import torch`` works, the official PyTorch k-WTA (a554b554/kWTA-Activatio
 ``Sparsify1D`` / ``Sparsify2D_vol``: ``topk``, then ``x * (x >= k-th value)``; our own copy of
 it, `official_pytorch_kwta`) runs beside, on as many threads as XLA's CPU pool.
 
-Every timing is interleaved: all the jitted functions are compiled first, then each of
-``--rounds`` rounds times every one of them (``--repeats`` calls, each ending in
-``block_until_ready``; the round keeps the median), and an entry is the median over rounds. So
-a slow spell of a shared machine hits every column alike; the load average is recorded at the
-start and the end. Prints a table (``--markdown``) and writes JSON (``--json PATH``).
+Interleaved: everything is compiled first, then each of ``--rounds`` rounds times every case
+(median of ``--repeats`` calls, each ending in ``block_until_ready``); an entry is the median
+over rounds, so a slow spell of a shared machine hits every column alike. The load average is
+recorded at the start and the end. Prints a table, writes JSON (``--json PATH``).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import importlib
 import importlib.util
 import json
 import os
@@ -59,11 +59,11 @@ DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = (
     (256, 4096),
     (256, 512),
 )
-QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((8, 64), (4, 4, 4, 8))
+QUICK_SHAPES = ((8, 64), (4, 4, 4, 8))
 DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.7)
 # (shape, k): TopK-autoencoder shapes, a few winners in long rows.
 SMALL_K_CASES: tuple[tuple[tuple[int, ...], int], ...] = (((256, 32768), 32), ((64, 131072), 64))
-QUICK_SMALL_K: tuple[tuple[tuple[int, ...], int], ...] = (((4, 256), 3),)
+QUICK_SMALL_K = (((4, 256), 3),)
 MODES = ("fwd", "grad_sq", "grad_dot", "vjp")
 MODE_TITLES = {"fwd": "fwd", "grad_sq": "grad Σy²", "grad_dot": "grad ⟨y,g⟩", "vjp": "vjp"}
 
@@ -71,17 +71,15 @@ MODE_TITLES = {"fwd": "fwd", "grad_sq": "grad Σy²", "grad_dot": "grad ⟨y,g�
 def time_call(fn: Callable, *args, repeats: int = 5, pipelined: bool = False) -> float:
     """Median wall time in milliseconds of ``fn(*args)`` after one warm-up call.
 
-    ``pipelined``: time 3 trials of ``repeats`` back-to-back calls, waiting only after the
-    last, and return the median time per call. On an accelerator this keeps the device busy
-    and leaves the host's dispatch and synchronisation latency (tens of microseconds, as long
-    as a whole k-WTA kernel) out of the per-call time.
+    ``pipelined``: time 3 trials of ``repeats`` back-to-back calls, waiting only after the last
+    (on an accelerator: the host's dispatch latency stays out of the per-call time).
     """
     jax.block_until_ready(fn(*args))  # compile + warm-up
     return _median_ms(fn, args, repeats, pipelined)
 
 
 def _median_ms(fn: Callable, args: tuple, repeats: int, pipelined: bool = False) -> float:
-    times = []
+    times = []  # seconds per call (or per call of a pipelined trial)
     if pipelined:
         for _ in range(3):
             start = time.perf_counter()
@@ -89,11 +87,11 @@ def _median_ms(fn: Callable, args: tuple, repeats: int, pipelined: bool = False)
                 out = fn(*args)
             jax.block_until_ready(out)
             times.append((time.perf_counter() - start) / repeats)
-        return 1e3 * statistics.median(times)
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+    else:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
 
@@ -141,14 +139,11 @@ def _activation(impl: str, ratio: float | None, k: int | None) -> Callable:
 
 
 def _torch():
-    """The torch module if it can be imported (it is not a dependency), else ``None``."""
-    if importlib.util.find_spec("torch") is None:
-        return None
+    """The torch module if it imports (it is not a dependency), else ``None``."""
     try:
-        import torch
+        return importlib.import_module("torch") if importlib.util.find_spec("torch") else None
     except Exception:  # noqa: BLE001 - a broken install is the same as none here
         return None
-    return torch
 
 
 def official_pytorch_kwta(x, k: int):
@@ -395,11 +390,6 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3
     ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31)
     return bool(ok)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line.
-# --------------------------------------------------------------------------------------------
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
