@@ -169,18 +169,16 @@ KWTA_ATTR int64_t PartitionRow(const K* x, int64_t n, typename S::W lo, typename
   return PartitionRaw<S, K, kInf, kAbs>(x, n, lo, hi, out, above);
 }
 
-// The a-th and b-th largest (1-based, a <= b) of the m <= 64 keys in s: the smallest key with
-// fewer than a (resp. b) keys above it. O(m^2) counting, branch-free: on random keys a sort or
-// nth_element mispredicts about every other comparison. Each vector of candidates s[j..] keeps
-// its counts of larger keys in a register while all m keys go by.
+// The a-th and b-th largest (1-based) of the m <= 64 keys in s, by counting for every key the
+// keys above it: O(m^2) but branch-free (on random keys a sort or nth_element mispredicts about
+// every other comparison). Each vector of candidates s[j..] keeps its counts of larger keys in a
+// register while all m keys go by.
 template <class S>
-KWTA_ATTR void SmallOrderStats(const typename S::W* s, int m, int a, int b,
-                               typename S::W* at_a, typename S::W* at_b) {
+KWTA_ATTR void CountGreater(const typename S::W* s, int m, typename S::W* greater) {
   using W = typename S::W;
   using V = typename S::V;
   constexpr int kMax = 64;
   W padded[kMax + S::kLanes];
-  W greater[kMax + S::kLanes];
   for (int j = 0; j < m; ++j) padded[j] = s[j];
   for (int j = m; j < kMax + S::kLanes; ++j) padded[j] = 0;
   for (int j = 0; j < m; j += S::kLanes) {
@@ -189,13 +187,24 @@ KWTA_ATTR void SmallOrderStats(const typename S::W* s, int m, int a, int b,
     for (int i = 0; i < m; ++i) count = S::Count(count, S::Gt(S::Set1(s[i]), sj));
     S::Store(greater + j, count);
   }
-  W va = kOnes<W>, vb = kOnes<W>;
-  for (int j = 0; j < m; ++j) {
-    va = greater[j] < W(a) ? std::min(va, s[j]) : va;
-    vb = greater[j] < W(b) ? std::min(vb, s[j]) : vb;
-  }
-  *at_a = va;
-  *at_b = vb;
+}
+
+// The a-th largest (1-based) of the m keys s with `greater` counts: the smallest key with fewer
+// than a keys above it.
+template <typename W>
+inline W OrderStat(const W* s, const W* greater, int m, int a) {
+  W v = kOnes<W>;
+  for (int j = 0; j < m; ++j) v = greater[j] < W(a) ? std::min(v, s[j]) : v;
+  return v;
+}
+
+template <class S>
+KWTA_ATTR void SmallOrderStats(const typename S::W* s, int m, int a, int b,
+                               typename S::W* at_a, typename S::W* at_b) {
+  typename S::W greater[64 + S::kLanes];
+  CountGreater<S>(s, m, greater);
+  *at_a = OrderStat(s, greater, m, a);
+  *at_b = OrderStat(s, greater, m, b);
 }
 
 // Sample ranks (1-based, from the top) of the bracket around the r-th largest of m keys, for a
@@ -212,7 +221,7 @@ inline void BracketRanks(int64_t m, int64_t r, int64_t ns, double z, int64_t* a,
 constexpr int kSmall = 32;        // at most this many keys: SmallOrderStats (branch-free)
 constexpr int kSmallSample = 64;  // a row sample this small: SmallOrderStats for both ends
 constexpr int kMaxRadixBits = 8;
-constexpr int64_t kMaxRadix = 1024;  // more keys: a sample bracket first (vectorised, no scatter)
+constexpr int64_t kMaxRadix = 512;  // more keys: a sample bracket first (vectorised, no scatter)
 constexpr int kLevelSample = 24;
 constexpr double kLevelZ = 1.0;
 
@@ -286,6 +295,7 @@ KWTA_ATTR typename S::W RadixSelect(typename S::W* a, typename S::W* b, int64_t 
       brackets = m < before;
       continue;
     }
+
     const W span = W(hi - lo);
     const int span_bits = int(8 * sizeof(W)) - (sizeof(W) == 8 ? __builtin_clzll(uint64_t(span))
                                                                 : __builtin_clz(uint32_t(span)));
