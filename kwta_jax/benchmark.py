@@ -20,8 +20,6 @@ recorded at the start and the end. Prints a table, writes JSON (``--json PATH``)
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import importlib
 import importlib.util
 import json
@@ -379,19 +377,6 @@ def format_table(summary: list[dict], markdown: bool = False) -> str:
     return "\n".join([fmt.format(*header)] + [fmt.format(*c) for c in lines])
 
 
-def keep_freed_memory() -> bool:
-    """Asks glibc to keep freed large buffers (no ``mmap``/``munmap`` per call); see ``--help``."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name)
-    if not hasattr(libc, "mallopt"):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31)
-    return bool(ok)
-
-
 def _parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.lower().split("x"))
@@ -438,10 +423,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--repeats", type=int, default=5, help="timed calls per entry and round")
     add("--rounds", type=int, default=5, help="interleaved rounds (entry = median over rounds)")
     add("--no-torch", action="store_true", help="leave the official PyTorch code out")
-    add("--keep-freed-memory", action="store_true",
-        help="glibc mallopt: keep freed large buffers instead of unmapping them. XLA:CPU "
-        "allocates every output afresh, and glibc maps buffers of >= 32 MiB per call, so each "
-        "call page-faults its output in (most of ReLU's time on 32 MiB outputs)")  # fmt: skip
     add("--quick", action="store_true", help="tiny shapes, 2 repeats, 2 rounds (smoke)")
     add("--json", type=str, default=None, help="write records, summary and machine here")
     add("--markdown", action="store_true", help="print a Markdown table")
@@ -461,9 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.impls is not None and not set(args.impls) <= known:
         parser.error(f"--impls must be among {sorted(known)}; got {args.impls}")
 
-    kept = keep_freed_memory() if args.keep_freed_memory else False
     info = machine_info()
-    info["keep_freed_memory"] = kept
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     records = run_benchmark(
         shapes, args.ratios, args.impls, repeats, log=log, small_k=small_k,
@@ -480,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# backend={info['backend']} device={info['device_kind']} cpu={info.get('cpu_model')} "
         f"cores={info['cpu_count']} isa={info.get('cpu_kernel_isa')} jax={info['jax']} "
         f"torch={info.get('torch')} repeats={repeats} rounds={rounds} "
-        f"keep_freed_memory={kept} load={info.get('loadavg_start')}->{info.get('loadavg_end')}"
+        f"load={info.get('loadavg_start')}->{info.get('loadavg_end')}"
     )
     print(format_table(summary, markdown=args.markdown))
     if args.json:
