@@ -1,24 +1,30 @@
-"""Exact k-WTA rows on CPU through XLA FFI: the ``"cpu"`` row implementation.
+"""Exact k-WTA thresholds on CPU through XLA FFI: the ``"cpu"`` selector.
 
-The kernel (``kwta_cpu.cc``, next to this file) is a two-pass radix select per row fused with
-the mask; see the comment at its top. It is plain C++17 against the XLA FFI headers that ship
-with jaxlib, so there is no build step at install time: it is compiled **lazily at first use**
-with the system C++ compiler and cached.
+The kernel (``kwta_cpu.cc`` and the headers next to it) only *selects*: it reads each row and
+returns its exact k-th largest rank key. The op layer (`kwta_jax.ops`) applies the threshold
+and differentiates it in plain XLA, which fuses with the neighbouring ops. It is plain C++17
+against the XLA FFI headers that ship with jaxlib, so there is no build step at install time: it
+is compiled **lazily at first use** with the system C++ compiler and cached. One build holds a
+portable, an AVX2 and an AVX-512 version of the selection; the best one the CPU supports is
+picked when it loads (`cpu_kernel_isa`).
 
 Build and cache:
 
 * compiler: ``$CXX`` (may hold arguments, e.g. ``"ccache g++"``) or ``c++``;
-* flags: `FLAGS` plus ``-I<jax.ffi.include_dir()>``, plus ``$KWTA_JAX_CXXFLAGS`` if set (e.g.
-  ``-march=native``: about 12% faster on an AVX-512 machine, see docs/benchmarks.md; the
-  default build is portable so that one cache can serve different machines);
-* cache directory: ``$KWTA_JAX_CACHE_DIR`` or ``~/.cache/kwta_jax``; the file name is a hash
-  of the source, the command and flags, the compiler's ``--version``, the jaxlib version and
-  the architecture (with ``$KWTA_JAX_CXXFLAGS`` set, also the CPU model and feature flags,
-  since such flags are often machine-specific), so a new compiler, jaxlib, source or machine
-  builds a new library and never loads a stale one;
-* the compiler writes a unique temporary file in the cache directory which is then renamed
-  over the final name (`os.replace` is atomic), so processes building at the same time each
-  produce a complete library and readers never see a partial file.
+* flags: `FLAGS` plus ``-I<jax.ffi.include_dir()>``, plus ``$KWTA_JAX_CXXFLAGS`` if set;
+* cache directory: ``$KWTA_JAX_CACHE_DIR`` or ``~/.cache/kwta_jax``; the file name is a hash of
+  *contents*, never of paths: the sources, the flags, the compiler's command and ``--version``,
+  the jaxlib version and its FFI headers, and the architecture (with ``$KWTA_JAX_CXXFLAGS``
+  set, also the CPU model and feature flags, since such flags are often machine-specific). So
+  a new compiler, jaxlib, source or machine builds a new library, and every clone or virtual
+  environment with the same ones shares it;
+* the compiler writes a unique temporary file in the cache directory which is then renamed over
+  the final name (`os.replace` is atomic), so processes building at the same time each produce a
+  complete library and readers never see a partial file;
+* next to the library, ``<name>.so.sha256`` records its size and SHA-256 (written before the
+  library is renamed into place). A library is loaded only when it matches: a truncated or
+  damaged file (loading one can kill the process with SIGBUS) is rebuilt, and if it cannot be
+  rebuilt the kernel is off and `cpu_kernel_status` says why.
 
 If no compiler works, `cpu_kernel_available` is False (`cpu_kernel_status` says why) and
 ``impl="auto"`` uses ``"select"``; asking for ``impl="cpu"`` explicitly raises
@@ -29,7 +35,6 @@ If no compiler works, `cpu_kernel_available` is False (`cpu_kernel_status` says 
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
@@ -45,23 +50,28 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from kwta_jax.rank_keys import key_dtype, rank_keys
+from kwta_jax.rank_keys import key_dtype
 
 __all__ = [
     "FLAGS",
     "CpuKernelUnavailable",
     "build_library",
     "cpu_kernel_available",
+    "cpu_kernel_isa",
     "cpu_kernel_status",
-    "kwta_rows_cpu",
+    "cpu_threshold_keys",
 ]
 
 SOURCE = Path(__file__).with_name("kwta_cpu.cc")
-# Portable code generation (baseline x86-64 / aarch64). -march=native measured ~12% faster
-# end to end on the key shape (AVX-512 machine; the target is met either way), but it needs
-# the cache keyed by CPU, and not every compiler/arch accepts it: opt in with
-# KWTA_JAX_CXXFLAGS=-march=native.
+# Everything the build reads from this package: the cache key hashes their contents.
+HEADERS: tuple[Path, ...] = tuple(
+    SOURCE.with_name(name) for name in ("kwta_select.h", "kwta_select_impl.h", "kwta_simd.h")
+)
+# Portable code generation (baseline x86-64 / aarch64): the kernel picks its AVX2 or AVX-512
+# code at run time, so one cached library serves every machine of an architecture.
 FLAGS: tuple[str, ...] = ("-O3", "-shared", "-fPIC", "-std=c++17")
+# Instruction sets of the selection, in the kernel's order (its `isa` attribute).
+ISAS: tuple[str, ...] = ("portable", "avx2", "avx512")
 TARGET_NAME = "kwta_jax_kwta_cpu"
 SUPPORTED_DTYPES = tuple(np.dtype(d) for d in (np.float16, jnp.bfloat16, np.float32, np.float64))
 _COMPILE_TIMEOUT_S = 600
@@ -132,8 +142,22 @@ def _cpu_identity() -> bytes:
         return platform.processor().encode()
 
 
+def _ffi_headers_digest() -> bytes:
+    """SHA-256 of jaxlib's XLA FFI headers (their contents: the include path differs per venv)."""
+    h = hashlib.sha256()
+    root = Path(jax.ffi.include_dir())
+    for header in sorted((root / "xla" / "ffi" / "api").glob("*.h")):
+        h.update(header.name.encode() + b"\0" + header.read_bytes() + b"\0")
+    return h.digest()
+
+
 def library_path(cxx: list[str] | None = None, directory: Path | None = None) -> Path:
-    """Cache path of the library for this source, compiler (and its version), flags, jaxlib."""
+    """Cache path of the library: a hash of everything that goes into it, by content.
+
+    Sources, compiler command (with its flags) and ``--version``, jaxlib version and FFI headers,
+    architecture (and the CPU with ``$KWTA_JAX_CXXFLAGS``). No path enters the key, so clones
+    and virtual environments of the same versions share one build.
+    """
     cxx = compiler_command() if cxx is None else cxx
     version = _run([*cxx, "--version"])
     if version.returncode != 0:
@@ -143,10 +167,11 @@ def library_path(cxx: list[str] | None = None, directory: Path | None = None) ->
         )
     h = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(),
-        shlex.join(_compile_command(cxx, "OUT")).encode(),
+        *(source.read_bytes() for source in (SOURCE, *HEADERS)),
+        shlex.join([*cxx, *FLAGS, *_extra_flags()]).encode(),
         version.stdout.encode(),
         jaxlib.__version__.encode(),
+        _ffi_headers_digest(),
         platform.machine().encode(),
         _cpu_identity() if _extra_flags() else b"",
     ):
@@ -171,20 +196,72 @@ def _remove_stale_temporaries(path: Path) -> None:
             pass  # another process removed it, or it is not ours to remove
 
 
-def build_library(cxx: list[str] | None = None, directory: Path | None = None) -> Path:
-    """Compiles the kernel into the cache unless it is already there; returns its path.
+def _digest_line(library: Path) -> str:
+    """``"<size> <sha256>"`` of a file, the content of its ``.sha256`` sidecar."""
+    data = library.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}\n"
 
-    Safe to call from several threads or processes at once: each compiles into its own
-    temporary file and atomically renames it to the final name.
+
+def sidecar_path(library: Path) -> Path:
+    """Where the size and SHA-256 of ``library`` are recorded."""
+    return library.with_name(library.name + ".sha256")
+
+
+def library_problem(library: Path) -> str | None:
+    """Why the cached ``library`` must not be loaded, or ``None`` when it matches its record.
+
+    Loading a truncated shared library can kill the process (SIGBUS) instead of raising, so
+    every load is checked first: the file's size and SHA-256 against its sidecar.
+    """
+    record = sidecar_path(library)
+    try:
+        expected = record.read_text()
+    except FileNotFoundError:
+        return f"{record.name} (its size and SHA-256) is missing"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{record.name} is unreadable: {e}"
+    try:
+        actual = _digest_line(library)
+    except OSError as e:
+        return f"{library.name} is unreadable: {e}"
+    if actual != expected:
+        return (
+            f"{library.name} does not match {record.name} (size and SHA-256 "
+            f"{actual.strip()!r}, recorded {expected.strip()!r}): truncated or damaged"
+        )
+    return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build_library(cxx: list[str] | None = None, directory: Path | None = None) -> Path:
+    """Compiles the kernel into the cache unless a valid build is there; returns its path.
+
+    A cached library that does not match its size/SHA-256 record (truncated, damaged, or from
+    an interrupted copy) is rebuilt. Safe to call from several threads or processes at once:
+    each compiles into its own temporary file, records it, and atomically renames it.
 
     Raises:
-      CpuKernelUnavailable: no compiler, or the compilation failed (the message holds the
-        command and the tail of the compiler's output).
+      CpuKernelUnavailable: no compiler, the compilation failed (the message holds the command
+        and the tail of the compiler's output), or the cache cannot be written (the message
+        says why a cached library was rejected, if one was).
     """
     cxx = compiler_command() if cxx is None else cxx
     path = library_path(cxx, directory)
-    if path.exists():
+    rejected = library_problem(path) if path.exists() else None
+    if path.exists() and rejected is None:
         return path
+    why = f" (the cached library was rejected: {rejected})" if rejected else ""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(path)
@@ -192,22 +269,32 @@ def build_library(cxx: list[str] | None = None, directory: Path | None = None) -
         os.close(fd)
     except OSError as e:
         raise CpuKernelUnavailable(
-            f"kwta_cpu: cannot write to the cache directory {path.parent}: {e}. "
+            f"kwta_cpu: cannot write to the cache directory {path.parent}: {e}{why}. "
             "Set KWTA_JAX_CACHE_DIR to a writable directory."
         ) from e
     try:
         cmd = _compile_command(cxx, tmp)
-        result = _run(cmd)
+        try:
+            result = _run(cmd)
+        except CpuKernelUnavailable as e:
+            raise CpuKernelUnavailable(f"{e}{why}") from e
         if result.returncode != 0:
             raise CpuKernelUnavailable(
-                f"kwta_cpu: compiling the CPU kernel failed (exit {result.returncode}).\n"
+                f"kwta_cpu: compiling the CPU kernel failed (exit {result.returncode}){why}.\n"
                 f"command: {shlex.join(cmd)}\n"
                 f"output (tail):\n{(result.stdout + result.stderr)[-_STDERR_TAIL:]}"
             )
         # mkstemp creates the file 0600 and the compiler keeps that mode (0711 once linked):
         # give the library the usual 0755 so that other users of a shared cache can load it.
         os.chmod(tmp, 0o755)
+        # The record first: a library without a matching record is rebuilt, never loaded.
+        _write_atomically(sidecar_path(path), _digest_line(Path(tmp)))
         os.replace(tmp, path)
+    except OSError as e:
+        raise CpuKernelUnavailable(
+            f"kwta_cpu: cannot write the kernel into the cache directory {path.parent}: {e}{why}."
+            " Set KWTA_JAX_CACHE_DIR to a writable directory."
+        ) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -221,20 +308,26 @@ _state: dict[str, object] = {}
 
 
 def _ensure_registered() -> None:
-    """Builds, loads and registers the FFI target once; raises `CpuKernelUnavailable`."""
+    """Builds, checks, loads and registers the FFI target once; raises `CpuKernelUnavailable`."""
     with _lock:
         if "error" not in _state:
             try:
                 if os.environ.get("KWTA_JAX_CPU_KERNEL", "1") == "0":
                     raise CpuKernelUnavailable("kwta_cpu: disabled by KWTA_JAX_CPU_KERNEL=0.")
                 path = build_library()
+                problem = library_problem(path)  # replaced since the build: check what we load
+                if problem is not None:
+                    raise CpuKernelUnavailable(f"kwta_cpu: not loading {path}: {problem}.")
                 try:
                     lib = ctypes.cdll.LoadLibrary(str(path))
                     handler = lib.KwtaCpu
+                    best_isa = lib.KwtaCpuBestIsa
                 except OSError as e:
                     raise CpuKernelUnavailable(f"kwta_cpu: cannot load {path}: {e}") from e
+                best_isa.restype = ctypes.c_int64
                 jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(handler), platform="cpu")
                 _state["lib"] = lib  # keep the library loaded for the life of the process
+                _state["isa"] = ISAS[best_isa()]
                 _state["error"] = None
             except CpuKernelUnavailable as e:
                 _state["error"] = e
@@ -259,64 +352,61 @@ def cpu_kernel_available() -> bool:
     return cpu_kernel_status() is None
 
 
-def kwta_rows_cpu(x2d: jax.Array, k: int, use_abs: bool) -> tuple[jax.Array, jax.Array]:
-    """k-WTA rows with the FFI kernel (CPU backend only).
+def cpu_kernel_isa() -> str | None:
+    """The instruction set the kernel runs with here (one of `ISAS`), ``None`` if unavailable."""
+    return _state.get("isa") if cpu_kernel_available() else None
+
+
+def cpu_threshold_keys(
+    x2d: jax.Array, k: int, use_abs: bool = False, *, isa: str | None = None
+) -> jax.Array:
+    """Exact k-th largest rank key of every row, with the FFI kernel (CPU backend only).
+
+    A selector (see `kwta_jax.ops.IMPLEMENTATIONS`): it has no derivative rule, the op layer
+    calls it on ``lax.stop_gradient`` values.
 
     Args:
-      x2d: ``[rows, n]`` float16, bfloat16, float32 or float64 array (any number of leading
-        dims works: all but the last are rows, which is how ``vmap`` batches it).
-      k: winners per row, ``1 <= k <= n``.
+      x2d: ``[..., n]`` float16, bfloat16, float32 or float64 array; every leading dim is a
+        row (so a ``vmap`` of it is one call on the stacked input).
+      k: ``1 <= k <= n``.
       use_abs: rank by ``|x|``.
+      isa: force an instruction set (one of `ISAS`, e.g. to test each code path); the default
+        is the best one the CPU supports.
 
     Returns:
-      ``(y2d, threshold_key)``: ``y2d`` of the shape and dtype of ``x2d`` holding ``x`` where
-      ``rank_keys(x) >= threshold_key[..., None]`` and ``+0`` elsewhere; ``threshold_key``
-      ``x2d.shape[:-1]``, the unsigned key dtype of ``x2d`` (`kwta_jax.rank_keys.key_dtype`): each
-      row's exact k-th largest rank key.
+      ``threshold_key`` of shape ``x2d.shape[:-1]`` in the unsigned key dtype of ``x2d``
+      (`kwta_jax.rank_keys.key_dtype`), equal to
+      ``lax.top_k(rank_keys(x2d, use_abs), k)[0][..., k - 1]``.
 
     Raises:
-      TypeError: unsupported dtype. ValueError: ``k`` out of range.
-      CpuKernelUnavailable: the kernel cannot be built here (use ``impl="select"``).
+      TypeError: unsupported dtype. ValueError: ``k`` or ``isa`` out of range, or ``isa`` not
+        supported by this CPU. CpuKernelUnavailable: the kernel cannot be built here (use
+        ``impl="select"``).
     """
     dtype = np.dtype(x2d.dtype)
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"kwta_rows_cpu: x must be float16, bfloat16, float32 or float64; got {dtype}."
+            f"cpu_threshold_keys: x must be float16, bfloat16, float32 or float64; got {dtype}."
         )
     if x2d.ndim < 1:
-        raise ValueError(f"kwta_rows_cpu: x must have rank >= 1; got shape {x2d.shape}.")
+        raise ValueError(f"cpu_threshold_keys: x must have rank >= 1; got shape {x2d.shape}.")
     n = x2d.shape[-1]
     if not 1 <= k <= n:
-        raise ValueError(f"kwta_rows_cpu: k={k} must be in [1, n={n}].")
+        raise ValueError(f"cpu_threshold_keys: k={k} must be in [1, n={n}].")
+    if isa is not None and isa not in ISAS:
+        raise ValueError(f"cpu_threshold_keys: isa must be one of {ISAS} or None; got {isa!r}.")
     _ensure_registered()
-    return _kwta_rows_ffi(x2d, int(k), bool(use_abs))
-
-
-# Differentiable like the plain-JAX implementations (the FFI call itself has no JVP rule):
-# kwta's own custom_jvp evaluates the row implementation on JVP tracers when it is
-# differentiated twice (e.g. the JVP of a gradient), and then needs this rule.
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _kwta_rows_ffi(x2d: jax.Array, k: int, use_abs: bool) -> tuple[jax.Array, jax.Array]:
-    dtype = np.dtype(x2d.dtype)
+    if isa is not None and ISAS.index(isa) > ISAS.index(_state["isa"]):
+        raise ValueError(
+            f"cpu_threshold_keys: isa={isa!r} is not supported by this CPU "
+            f"(it supports up to {_state['isa']!r})."
+        )
     call = jax.ffi.ffi_call(
         TARGET_NAME,
-        (
-            jax.ShapeDtypeStruct(x2d.shape, dtype),
-            jax.ShapeDtypeStruct(x2d.shape[:-1], key_dtype(dtype)),
-        ),
+        jax.ShapeDtypeStruct(x2d.shape[:-1], key_dtype(dtype)),
         # The handler treats every leading dim as a row, so a vmapped call is one call on the
         # stacked input (no loop).
         vmap_method="broadcast_all",
     )
-    y2d, threshold_key = call(x2d, k=np.int64(k), use_abs=use_abs)
-    return y2d, threshold_key
-
-
-@_kwta_rows_ffi.defjvp
-def _kwta_rows_ffi_jvp(k, use_abs, primals, tangents):
-    (x2d,), (t2d,) = primals, tangents
-    y2d, threshold_key = _kwta_rows_ffi(x2d, k, use_abs)
-    mask = rank_keys(x2d, use_abs) >= threshold_key[..., None]
-    dy = jnp.where(mask, t2d, jnp.zeros((), t2d.dtype))
-    # The threshold key is an integer: its tangent is float0 (piecewise constant in x).
-    return (y2d, threshold_key), (dy, np.zeros(threshold_key.shape, jax.dtypes.float0))
+    level = -1 if isa is None else ISAS.index(isa)
+    return call(x2d, k=np.int64(k), use_abs=bool(use_abs), isa=np.int64(level))

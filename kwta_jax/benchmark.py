@@ -1,18 +1,27 @@
-"""Benchmark: ReLU vs the top_k reference vs the fast paths, forward and forward+backward.
+"""Benchmark: k-WTA against ReLU, ``lax.top_k`` and the official PyTorch code, forward and backward.
 
-Run ``python -m kwta_jax.benchmark`` (``--help`` for options). For every shape and ratio it
-times, on the default backend, ``jax.nn.relu``, ``kwta(impl="topk")`` (reference),
-``kwta(impl="select")`` (fast exact XLA path), on the CPU backend ``kwta(impl="cpu")`` (the
-C++ FFI kernel, when a compiler could build it) and, where the backend compiles Pallas (GPU,
-TPU; interpret mode is not a timing), ``kwta(impl="pallas")``. Each timing is the median of
-``--repeats`` calls of a jitted function after one warm-up call (compilation excluded), each
-call ending in ``block_until_ready``. Prints a table (``--markdown`` for a Markdown one) and
-writes JSON (``--json PATH``) with the machine details.
+Run ``python -m kwta_jax.benchmark`` (``--help`` for options). On the default backend it times,
+for every shape and ratio and under four transforms (``fwd``; ``grad_sq``: the gradient of
+``sum(y**2)``; ``grad_dot``: the gradient of ``<y, g>``; ``vjp``: ``y`` and its pullback of
+``g``), ``jax.nn.relu`` and ``kwta`` with each implementation (``auto`` and the selectors the
+backend runs: ``select``, ``cpu`` where the C++ kernel builds, ``pallas`` on a GPU or TPU;
+``topk``, the reference, only with ``--impls``: it is a full sort on XLA:CPU). Small-k cases
+(TopK sparse autoencoders: a few winners in long rows) add ``lax.top_k`` plus a scatter.
+When ``import torch`` works, the official PyTorch k-WTA (a554b554/kWTA-Activation
+``Sparsify1D`` / ``Sparsify2D_vol``: ``topk``, then ``x * (x >= k-th value)``; our own copy of
+it, `official_pytorch_kwta`) runs beside, on as many threads as XLA's CPU pool.
+
+Interleaved: everything is compiled first, then each of ``--rounds`` rounds times every case
+(median of ``--repeats`` calls, each ending in ``block_until_ready``); an entry is the median
+over rounds, so a slow spell of a shared machine hits every column alike. The load average is
+recorded at the start and the end. Prints a table, writes JSON (``--json PATH``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -24,34 +33,51 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from kwta_jax.kernels.kwta_cpu import cpu_kernel_available
-from kwta_jax.ops import kwta
+from kwta_jax.kernels.kwta_cpu import cpu_kernel_available, cpu_kernel_isa
+from kwta_jax.ops import kwta, resolve_impl
 
-__all__ = ["DEFAULT_SHAPES", "main", "run_benchmark", "time_call"]
+__all__ = [
+    "DEFAULT_SHAPES",
+    "MODES",
+    "SMALL_K_CASES",
+    "machine_info",
+    "main",
+    "official_pytorch_kwta",
+    "run_benchmark",
+    "summarize",
+    "time_call",
+]
 
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = (
-    (256, 512),
-    (256, 4096),
     (128, 32, 32, 64),
     (128, 16, 16, 128),
     (32, 8, 8, 512),
+    (256, 4096),
+    (256, 512),
 )
-QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((8, 64), (4, 4, 4, 8))
+QUICK_SHAPES = ((8, 64), (4, 4, 4, 8))
 DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.7)
-MODES = ("fwd", "fwd+bwd")
+# (shape, k): TopK-autoencoder shapes, a few winners in long rows.
+SMALL_K_CASES: tuple[tuple[tuple[int, ...], int], ...] = (((256, 32768), 32), ((64, 131072), 64))
+QUICK_SMALL_K = (((4, 256), 3),)
+MODES = ("fwd", "grad_sq", "grad_dot", "vjp")
+MODE_TITLES = {"fwd": "fwd", "grad_sq": "grad Σy²", "grad_dot": "grad ⟨y,g⟩", "vjp": "vjp"}
 
 
 def time_call(fn: Callable, *args, repeats: int = 5, pipelined: bool = False) -> float:
     """Median wall time in milliseconds of ``fn(*args)`` after one warm-up call.
 
-    ``pipelined``: time 3 trials of ``repeats`` back-to-back calls, waiting only after the
-    last, and return the median time per call. On an accelerator this keeps the device busy
-    and leaves the host's dispatch and synchronisation latency (tens of microseconds, as long
-    as a whole k-WTA kernel) out of the per-call time.
+    ``pipelined``: time 3 trials of ``repeats`` back-to-back calls, waiting only after the last
+    (on an accelerator: the host's dispatch latency stays out of the per-call time).
     """
     jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
+    return _median_ms(fn, args, repeats, pipelined)
+
+
+def _median_ms(fn: Callable, args: tuple, repeats: int, pipelined: bool = False) -> float:
+    times = []  # seconds per call (or per call of a pipelined trial)
     if pipelined:
         for _ in range(3):
             start = time.perf_counter()
@@ -59,25 +85,101 @@ def time_call(fn: Callable, *args, repeats: int = 5, pipelined: bool = False) ->
                 out = fn(*args)
             jax.block_until_ready(out)
             times.append((time.perf_counter() - start) / repeats)
-        return 1e3 * statistics.median(times)
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+    else:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
 
-def _activation(name: str, ratio: float) -> Callable[[jax.Array], jax.Array]:
-    if name == "relu":
-        return jax.nn.relu
-    return lambda x: kwta(x, ratio=ratio, impl=name)
+# --------------------------------------------------------------------------------------------
+# What is timed.
+# --------------------------------------------------------------------------------------------
 
 
-def _jitted(act: Callable, mode: str) -> Callable:
+def _transformed(act: Callable[[jax.Array], jax.Array], mode: str) -> Callable:
+    """``act`` under ``mode``, jitted, as a function of ``(x, g)``."""
     if mode == "fwd":
         return jax.jit(lambda x, g: act(x))
-    # Forward and backward: the gradient of <act(x), g> w.r.t. x is the VJP of act at x.
-    return jax.jit(jax.grad(lambda x, g: jnp.vdot(act(x), g)))
+    if mode == "grad_sq":
+        return jax.jit(jax.grad(lambda x, g: jnp.sum(act(x) ** 2)))
+    if mode == "grad_dot":
+        return jax.jit(jax.grad(lambda x, g: jnp.vdot(act(x), g)))
+    if mode == "vjp":
+
+        def forward_and_pullback(x, g):
+            y, pull = jax.vjp(act, x)
+            return y, pull(g)[0]
+
+        return jax.jit(forward_and_pullback)
+    raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+
+
+def _topk_scatter(k: int) -> Callable[[jax.Array], jax.Array]:
+    """The usual TopK-autoencoder activation: ``lax.top_k`` of each row, scattered into zeros."""
+
+    def act(x):
+        x2d = x.reshape(x.shape[0], -1)
+        values, index = lax.top_k(x2d, k)
+        rows = jnp.arange(x2d.shape[0])[:, None]
+        return jnp.zeros_like(x2d).at[rows, index].set(values).reshape(x.shape)
+
+    return act
+
+
+def _activation(impl: str, ratio: float | None, k: int | None) -> Callable:
+    if impl == "relu":
+        return jax.nn.relu
+    if impl == "topk_scatter":
+        return _topk_scatter(k)
+    return lambda x: kwta(x, ratio=ratio, k=k, impl=impl)
+
+
+def _torch():
+    """The torch module if it imports (it is not a dependency), else ``None``."""
+    try:
+        return importlib.import_module("torch") if importlib.util.find_spec("torch") else None
+    except Exception:  # noqa: BLE001 - a broken install is the same as none here
+        return None
+
+
+def official_pytorch_kwta(x, k: int):
+    """The official k-WTA (a554b554/kWTA-Activation ``Sparsify1D``, ``Sparsify2D_vol``).
+
+    Per sample: the k-th largest value of the flattened sample by ``torch.topk``, then
+    ``x * (x >= threshold)``; written here from the paper's code, for timing only.
+    """
+    flat = x.reshape(x.shape[0], -1)
+    threshold = flat.topk(k, dim=1)[0][:, -1:]
+    return (flat * (flat >= threshold).to(flat)).reshape(x.shape)
+
+
+def _torch_case(torch, x: np.ndarray, g: np.ndarray, k: int, mode: str):
+    """A no-argument callable that runs the official code under ``mode`` once."""
+    xt, gt = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(g))
+    if mode == "fwd":
+
+        def run():
+            with torch.no_grad():
+                return official_pytorch_kwta(xt, k)
+
+        return run
+    xg = xt.clone().requires_grad_(True)
+
+    def run():
+        y = official_pytorch_kwta(xg, k)
+        if mode == "grad_sq":
+            return torch.autograd.grad((y * y).sum(), xg)[0]
+        dx = torch.autograd.grad(y, xg, gt)[0]
+        return (y, dx) if mode == "vjp" else dx
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# Running.
+# --------------------------------------------------------------------------------------------
 
 
 def machine_info() -> dict:
@@ -97,9 +199,54 @@ def machine_info() -> dict:
         info["cpu_model"] = models[0] if models else platform.processor()
     except OSError:
         info["cpu_model"] = platform.processor()
+    if info["backend"] == "cpu":
+        info["cpu_kernel_isa"] = cpu_kernel_isa()
     if hasattr(os, "getloadavg"):
         info["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
     return info
+
+
+def default_impls() -> list[str]:
+    """ReLU, ``auto`` and every selector the backend runs natively (no interpret mode)."""
+    impls = ["relu", "auto", "select"]
+    if jax.default_backend() == "cpu" and cpu_kernel_available():
+        impls.append("cpu")
+    if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
+        impls.append("pallas")
+    return impls
+
+
+def _cases(shapes, ratios, small_k, impls, modes, topk_modes, torch, dtype):
+    """Every (record, callable, args) to time; arrays are made once per shape."""
+    cases = []
+    key = jax.random.key(0)
+    groups = [(shape, [("ratio", r) for r in ratios]) for shape in shapes]
+    groups += [(shape, [("k", k)]) for shape, k in small_k]
+    for shape, settings in groups:
+        kx, kg, key = jax.random.split(key, 3)
+        x = jax.random.normal(kx, shape, dtype)
+        g = jax.random.normal(kg, shape, dtype)
+        n = int(np.prod(shape[1:]))
+        for kind, value in settings:
+            ratio, k = (value, None) if kind == "ratio" else (None, value)
+            winners = max(1, int(ratio * n)) if ratio is not None else k
+            names = list(impls) + (["topk_scatter"] if kind == "k" else [])
+            for mode in modes:
+                for impl in names:
+                    if impl == "topk" and mode not in topk_modes:
+                        continue
+                    if impl == "relu" and kind == "ratio" and value != ratios[0]:
+                        continue  # ReLU does not depend on the ratio: timed once per shape
+                    record = {"shape": list(shape), kind: value, "mode": mode, "impl": impl}
+                    if impl == "auto":
+                        record["resolved"] = resolve_impl("auto")
+                    act = _activation(impl, ratio, k)
+                    cases.append((record, _transformed(act, mode), (x, g)))
+                if torch is not None:
+                    record = {"shape": list(shape), kind: value, "mode": mode, "impl": "torch"}
+                    run = _torch_case(torch, np.asarray(x), np.asarray(g), winners, mode)
+                    cases.append((record, lambda *_, run=run: run(), ()))
+    return cases
 
 
 def run_benchmark(
@@ -109,89 +256,109 @@ def run_benchmark(
     repeats: int = 5,
     dtype=jnp.float32,
     log: Callable[[str], None] | None = None,
+    *,
+    small_k: Sequence[tuple[tuple[int, ...], int]] = SMALL_K_CASES,
+    modes: Sequence[str] = MODES,
+    rounds: int = 5,
+    topk_modes: Sequence[str] = ("fwd",),
+    use_torch: bool = True,
 ) -> list[dict]:
-    """Times every (shape, ratio, mode, implementation); returns one record per timing.
+    """Times every case, interleaved over ``rounds``; returns one record per case.
 
-    Records: ``{"shape", "ratio", "mode", "impl", "ms"}``. ``impls`` defaults to relu, topk,
-    select, plus cpu on the CPU backend (when the kernel builds) and pallas on a GPU or TPU.
+    Records: ``{"shape", "ratio" or "k", "mode", "impl", "ms", "rounds_ms"}`` (``impl="auto"``
+    also has ``"resolved"``). ``impls`` defaults to `default_impls`; ``topk`` (the reference,
+    a full sort of the rank keys on XLA:CPU: seconds per call on the large shapes) is timed in
+    ``topk_modes`` only when asked for; ``torch`` joins when ``use_torch`` and it imports.
     """
     if impls is None:
-        impls = ["relu", "topk", "select"]
-        if jax.default_backend() == "cpu" and cpu_kernel_available():
-            impls.append("cpu")
-        if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
-            impls.append("pallas")
+        impls = default_impls()
+    torch = _torch() if use_torch else None
+    if torch is not None:
+        # The same thread count as XLA's CPU pool (one per core).
+        torch.set_num_threads(os.cpu_count() or 1)
+    cases = _cases(shapes, ratios, small_k, impls, modes, topk_modes, torch, dtype)
+    for record, fn, args in cases:  # compile and warm up everything before timing anything
+        jax.block_until_ready(fn(*args))
+        if log is not None:
+            log(f"compiled {record}")
+    for r in range(rounds):
+        for record, fn, args in cases:
+            ms = _median_ms(fn, args, repeats)
+            record.setdefault("rounds_ms", []).append(ms)
+        if log is not None:
+            log(f"round {r + 1}/{rounds} done (load {os.getloadavg()[0]:.2f})")
     records = []
-    key = jax.random.key(0)
-    for shape in shapes:
-        kx, kg, key = jax.random.split(key, 3)
-        x = jax.random.normal(kx, shape, dtype)
-        g = jax.random.normal(kg, shape, dtype)
-        for ratio in ratios:
-            for mode in MODES:
-                for impl in impls:
-                    if impl == "relu" and ratio != ratios[0]:
-                        # ReLU does not depend on the ratio: time it once per shape and mode.
-                        prev = next(
-                            r
-                            for r in records
-                            if r["shape"] == list(shape)
-                            and r["mode"] == mode
-                            and r["impl"] == "relu"
-                        )
-                        ms = prev["ms"]
-                    else:
-                        fn = _jitted(_activation(impl, ratio), mode)
-                        ms = time_call(fn, x, g, repeats=repeats)
-                    records.append(
-                        {"shape": list(shape), "ratio": ratio, "mode": mode, "impl": impl, "ms": ms}
-                    )
-                    if log is not None:
-                        log(f"{shape} r={ratio} {mode:8s} {impl:7s} {ms:10.3f} ms")
+    for record, _, _ in cases:
+        record["ms"] = statistics.median(record["rounds_ms"])
+        records.append(record)
     return records
 
 
+# --------------------------------------------------------------------------------------------
+# Reporting.
+# --------------------------------------------------------------------------------------------
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (shape, ratio, mode): ms per impl and the ratios of the fast paths."""
+    """One row per (shape, ratio or k, mode): ms per impl, and the ratios that matter.
+
+    ``<impl>/relu`` (cost against ReLU under the same transform), ``topk/auto``,
+    ``topk_scatter/auto`` and ``torch/auto`` (speed-ups of the default ``kwta``).
+    """
+    relu = {(tuple(r["shape"]), r["mode"]): r["ms"] for r in records if r["impl"] == "relu"}
     rows: dict[tuple, dict] = {}
     for r in records:
-        key = (tuple(r["shape"]), r["ratio"], r["mode"])
-        rows.setdefault(key, {"shape": r["shape"], "ratio": r["ratio"], "mode": r["mode"]})
-        rows[key][r["impl"]] = r["ms"]
+        setting = ("ratio", r["ratio"]) if "ratio" in r else ("k", r["k"])
+        key = (tuple(r["shape"]), setting, r["mode"])
+        row = rows.setdefault(key, {"shape": r["shape"], setting[0]: setting[1], "mode": r["mode"]})
+        row[r["impl"]] = r["ms"]
+        if "resolved" in r:
+            row["resolved"] = r["resolved"]
     out = []
-    for row in rows.values():
-        for impl in ("select", "cpu", "pallas"):
-            if impl in row:
-                if "relu" in row:
-                    row[f"{impl}/relu"] = row[impl] / row["relu"]
-                if "topk" in row:
-                    row[f"topk/{impl}"] = row["topk"] / row[impl]
+    for (shape, _, mode), row in rows.items():
+        if (shape, mode) in relu:
+            row.setdefault("relu", relu[(shape, mode)])
+        for impl in ("auto", "select", "cpu", "pallas"):
+            if impl in row and "relu" in row:
+                row[f"{impl}/relu"] = row[impl] / row["relu"]
+        for other in ("topk", "topk_scatter", "torch"):
+            if other in row and "auto" in row:
+                row[f"{other}/auto"] = row[other] / row["auto"]
         out.append(row)
     return out
 
 
 _COLUMNS = (
     ("relu", "ReLU ms"),
-    ("topk", "top_k ms"),
+    ("auto", "kwta ms"),
+    ("auto/relu", "kwta/ReLU"),
     ("select", "select ms"),
-    ("cpu", "cpu ms"),
-    ("pallas", "pallas ms"),
     ("select/relu", "select/ReLU"),
-    ("topk/select", "top_k/select"),
+    ("cpu", "cpu ms"),
     ("cpu/relu", "cpu/ReLU"),
-    ("topk/cpu", "top_k/cpu"),
+    ("pallas", "pallas ms"),
     ("pallas/relu", "pallas/ReLU"),
-    ("topk/pallas", "top_k/pallas"),
+    ("topk", "top_k ms"),
+    ("topk/auto", "top_k/kwta"),
+    ("topk_scatter", "top_k+scatter ms"),
+    ("topk_scatter/auto", "top_k+scatter/kwta"),
+    ("torch", "PyTorch ms"),
+    ("torch/auto", "PyTorch/kwta"),
 )
 
 
 def format_table(summary: list[dict], markdown: bool = False) -> str:
     """Plain-text (or Markdown) table of `summarize` rows; absent columns are dropped."""
     cols = [(k, h) for k, h in _COLUMNS if any(k in row for row in summary)]
-    header = ["shape", "ratio", "mode"] + [h for _, h in cols]
+    header = ["shape", "ratio / k", "mode"] + [h for _, h in cols]
     lines = []
     for row in summary:
-        cells = ["x".join(map(str, row["shape"])), f"{row['ratio']:g}", row["mode"]]
+        setting = f"{row['ratio']:g}" if "ratio" in row else f"k={row['k']}"
+        cells = [
+            "x".join(map(str, row["shape"])),
+            setting,
+            MODE_TITLES.get(row["mode"], row["mode"]),
+        ]
         for k, _ in cols:
             v = row.get(k)
             if v is None:
@@ -199,7 +366,7 @@ def format_table(summary: list[dict], markdown: bool = False) -> str:
             elif "/" in k:
                 cells.append(f"{v:.2f}x")
             else:
-                cells.append(f"{v:.2f}")
+                cells.append(f"{v:.3f}")
         lines.append(cells)
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -222,60 +389,88 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _parse_small_k(text: str) -> tuple[tuple[int, ...], int]:
+    shape_text, _, k_text = text.partition(":")
+    try:
+        k = int(k_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"small-k case must look like 256x32768:32; got {text!r}"
+        ) from None
+    shape = _parse_shape(shape_text)
+    if not 1 <= k <= int(np.prod(shape[1:])):
+        raise argparse.ArgumentTypeError(f"k must be in [1, row size]; got {text!r}")
+    return shape, k
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kwta_jax.benchmark", description=__doc__)
-    parser.add_argument(
-        "--shapes",
-        type=_parse_shape,
-        nargs="+",
-        default=None,
-        help="shapes like 256x512 128x32x32x64 (default: "
-        + " ".join("x".join(map(str, s)) for s in DEFAULT_SHAPES)
-        + ")",
-    )
-    parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
-    parser.add_argument(
-        "--impls",
-        nargs="+",
-        default=None,
-        help="subset of relu topk select cpu pallas (default: all the backend compiles)",
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per entry")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke)")
-    parser.add_argument("--json", type=str, default=None, help="write records + machine here")
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    parser.add_argument("--quiet", action="store_true", help="no per-entry progress lines")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add = parser.add_argument
+    shapes_default = " ".join("x".join(map(str, s)) for s in DEFAULT_SHAPES)
+    add("--shapes", type=_parse_shape, nargs="+", default=None,
+        help=f"shapes like 256x512 128x32x32x64 (default: {shapes_default})")  # fmt: skip
+    add("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
+    add("--small-k", type=_parse_small_k, nargs="*", default=None,
+        help="small-k cases SHAPE:K (default: 256x32768:32 64x131072:64; "
+        "none: --small-k alone)")  # fmt: skip
+    add("--impls", nargs="+", default=None,
+        help="subset of relu auto topk select cpu pallas (default: all the backend "
+        "runs)")  # fmt: skip
+    add("--modes", nargs="+", default=list(MODES), choices=MODES)
+    add("--topk-modes", nargs="*", default=["fwd"], choices=MODES,
+        help="transforms that time the top_k reference (a full sort on XLA:CPU)")  # fmt: skip
+    add("--repeats", type=int, default=5, help="timed calls per entry and round")
+    add("--rounds", type=int, default=5, help="interleaved rounds (entry = median over rounds)")
+    add("--no-torch", action="store_true", help="leave the official PyTorch code out")
+    add("--quick", action="store_true", help="tiny shapes, 2 repeats, 2 rounds (smoke)")
+    add("--json", type=str, default=None, help="write records, summary and machine here")
+    add("--markdown", action="store_true", help="print a Markdown table")
+    add("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
-    repeats = 2 if args.quick else args.repeats
-    if repeats < 1:
-        parser.error("--repeats must be >= 1")
+    small_k = args.small_k
+    if small_k is None:
+        small_k = QUICK_SMALL_K if args.quick else SMALL_K_CASES
+    repeats, rounds = (2, 2) if args.quick else (args.repeats, args.rounds)
+    if repeats < 1 or rounds < 1:
+        parser.error("--repeats and --rounds must be >= 1")
     for r in args.ratios:
         if not 0 < r <= 1:
             parser.error(f"--ratios must be in (0, 1]; got {r}")
-    known = {"relu", "topk", "select", "cpu", "pallas"}
+    known = {"relu", "auto", "topk", "select", "cpu", "pallas"}
     if args.impls is not None and not set(args.impls) <= known:
         parser.error(f"--impls must be among {sorted(known)}; got {args.impls}")
 
     info = machine_info()
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    records = run_benchmark(shapes, args.ratios, args.impls, repeats, log=log)
+    records = run_benchmark(
+        shapes, args.ratios, args.impls, repeats, log=log, small_k=small_k,
+        modes=args.modes, rounds=rounds, topk_modes=args.topk_modes, use_torch=not args.no_torch,
+    )  # fmt: skip
     if hasattr(os, "getloadavg"):
         info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    torch = _torch() if not args.no_torch else None
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
     summary = summarize(records)
     print(
         f"# backend={info['backend']} device={info['device_kind']} cpu={info.get('cpu_model')} "
-        f"cores={info['cpu_count']} jax={info['jax']} repeats={repeats} "
+        f"cores={info['cpu_count']} isa={info.get('cpu_kernel_isa')} jax={info['jax']} "
+        f"torch={info.get('torch')} repeats={repeats} rounds={rounds} "
         f"load={info.get('loadavg_start')}->{info.get('loadavg_end')}"
     )
     print(format_table(summary, markdown=args.markdown))
     if args.json:
-        payload = {"machine": info, "repeats": repeats, "records": records, "summary": summary}
-        with open(args.json, "w") as f:
+        payload = {"machine": info, "repeats": repeats, "rounds": rounds, "records": records,
+                   "summary": summary}  # fmt: skip
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
             json.dump(payload, f, indent=1, default=float)
+        os.replace(tmp, args.json)
     return 0
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     sys.exit(main())

@@ -13,7 +13,7 @@ a554b554/kWTA-Activation):
 * The threshold is computed **per sample** (per row of the batch), never from the first sample
   of the batch.
 
-Ordering of special values (every implementation agrees bit-for-bit on it):
+Ordering of special values (every implementation agrees on it):
 
 * ``-0.0`` and ``+0.0`` compare equal (IEEE), so they tie.
 * ``+inf`` is larger than every finite value and ``-inf`` smaller.
@@ -21,15 +21,30 @@ Ordering of special values (every implementation agrees bit-for-bit on it):
   sort), and all NaNs tie with each other. A NaN that wins is propagated unchanged; if at least
   ``k`` entries of a group are NaN, only the NaNs survive.
 
+Bits: every implementation gives the same output as the ``lax.top_k`` reference, bit for bit,
+and a winner is its input's bit pattern (NaN payloads, signalling NaNs, subnormals, the sign of
+zero), eagerly, under ``jit`` and ``vmap``, for ``groups="channel"`` (its transposes move bit
+patterns) and for a batch-sharded input on several devices: the output is always selected from
+the caller's own copy of ``x`` with integer operations. What XLA does outside the op can still
+change bits: XLA:CPU (jaxlib 0.10.2) runs a bfloat16 all-gather in float32 (convert, gather,
+convert back), which turns every NaN into 0x7FC0 / 0xFFC0, so resharding a bfloat16 output
+(e.g. ``with_sharding_constraint`` to replicated) loses its NaN payloads. Inside the op such a
+gathered copy only feeds a selector (the FFI kernels make XLA gather their input), whose rank
+keys treat all NaNs alike.
+
 With ``use_abs=True`` units are ranked by ``|x|`` but keep their signed value (the official
 ``*_abs`` variants).
 
 Gradient: ``d kwta(x) = t * mask`` where ``mask = x >= threshold``; the threshold is treated as
-a constant (it is piecewise constant in ``x``). The rule is a ``custom_jvp``, so ``grad``,
-``vjp`` (``g * mask``), ``jvp``, ``jit``, ``vmap`` and ``remat`` all work.
+a constant (it is piecewise constant in ``x``), and a non-finite upstream value at a loser gives
+0 (a ``where``, not a product). ``grad``, ``vjp`` (``g * mask``), ``jvp``, ``jit``, ``vmap``,
+``remat`` and higher derivatives all work.
 
-Implementations (``impl=``) only differ in how the per-row threshold is found; they share the
-validation, the grouping and the derivative defined here.
+Implementations (``impl=``) are *selectors*: they only find each row's threshold key (see
+`Selector`). The op is then ``y = where(rank_keys(x) >= threshold, x, 0)`` and its derivative
+``where(mask, upstream, 0)``, written once (`kwta_jax.rank_keys.apply_threshold`) in plain XLA:
+the forward is the selector's read of ``x`` plus one fused pass, the backward one fused pass,
+and both fuse with the neighbouring ops. Validation and grouping are shared too.
 """
 
 from __future__ import annotations
@@ -45,92 +60,105 @@ import numpy as np
 from jax import lax
 
 from kwta_jax.backward import SURROGATES, active_scope
-from kwta_jax.kernels.kwta_cpu import cpu_kernel_available, kwta_rows_cpu
+from kwta_jax.kernels.kwta_cpu import cpu_kernel_available, cpu_threshold_keys
 from kwta_jax.kernels.kwta_pallas import kwta_rows_pallas, triton_available
-from kwta_jax.rank_keys import apply_threshold, key_dtype, rank_keys, transpose_bits
-from kwta_jax.selection import kwta_rows_select
+from kwta_jax.rank_keys import apply_threshold, key_dtype, rank_keys, transpose_bits, winner_mask
+from kwta_jax.selection import select_threshold_keys
 
 __all__ = [
+    "FUSED_FORWARD",
     "GROUPS",
+    "IMPLEMENTATIONS",
+    "Selector",
     "canonical_axes",
     "canonical_ratio",
-    "IMPLEMENTATIONS",
     "competition_axes",
+    "key_dtype",
     "kwta",
     "kwta_bpda",
     "kwta_mask",
     "kwta_rows",
-    "kwta_rows_topk",
-    "key_dtype",
     "num_winners",
     "rank_keys",
     "resolve_impl",
+    "threshold_keys",
+    "topk_threshold_keys",
 ]
 
 Groups = Literal["sample", "channel"]
 GROUPS: tuple[str, ...] = ("sample", "channel")
 
-# A row implementation maps ``x2d: [rows, n]`` (floating) to ``(y2d, threshold_key)`` where
-# ``y2d`` has the shape and dtype of ``x2d`` and ``threshold_key: [rows]`` is the k-th largest
-# rank key (see `rank_keys`) of each row.
-RowImpl = Callable[[jax.Array, int, bool], tuple[jax.Array, jax.Array]]
+# A selector maps ``(x2d, k, use_abs)`` to ``threshold_key``: ``x2d: [rows, n]`` floating (a
+# selector that supports ``vmap`` treats every leading dim as a row), ``k`` a Python int in
+# ``[1, n]``, ``use_abs`` a bool; ``threshold_key: [rows]`` in ``key_dtype(x2d.dtype)`` is each
+# row's exact k-th largest rank key (`rank_keys` order: -0 == +0, NaNs tie above +inf). The op
+# calls selectors on ``lax.stop_gradient`` values only, so none needs a derivative rule.
+Selector = Callable[[jax.Array, int, bool], jax.Array]
+# Optional fused forward of a selector: ``(x2d, k, use_abs) -> (y2d, threshold_key)`` with ``y2d``
+# bit-identical to `apply_threshold`'s. Used for the undifferentiated forward only (a kernel may
+# write ``y`` faster than select + apply); under differentiation the op uses the selector and
+# `apply_threshold`, whose derivative is the op's one rule.
+FusedForward = Callable[[jax.Array, int, bool], tuple[jax.Array, jax.Array]]
 
 
 # --------------------------------------------------------------------------------------------
-# Row implementations.
+# Selectors.
 # --------------------------------------------------------------------------------------------
 
 
-def kwta_rows_topk(x2d: jax.Array, k: int, use_abs: bool) -> tuple[jax.Array, jax.Array]:
-    """Reference row implementation with `jax.lax.top_k` on the rank keys.
+def topk_threshold_keys(x2d: jax.Array, k: int, use_abs: bool = False) -> jax.Array:
+    """Reference selector: `jax.lax.top_k` on the rank keys.
 
     Args:
-      x2d: ``[rows, n]`` floating array.
+      x2d: ``[..., n]`` floating array.
       k: number of winners per row, ``1 <= k <= n``.
       use_abs: rank by ``|x|``.
 
     Returns:
-      ``(y2d [rows, n] same dtype, threshold_key [rows] unsigned)``.
+      ``threshold_key [...]`` (`key_dtype` of ``x2d``): each row's k-th largest rank key.
     """
-    keys = rank_keys(x2d, use_abs)
-    threshold_key = lax.top_k(keys, k)[0][:, k - 1]
-    return apply_threshold(x2d, threshold_key, use_abs)
+    return lax.top_k(rank_keys(x2d, use_abs), k)[0][..., k - 1]
 
 
-# Every implementation must agree bit-for-bit with "topk". Kernel modules add theirs here.
-IMPLEMENTATIONS: dict[str, RowImpl] = {
-    "topk": kwta_rows_topk,
+def _pallas_threshold_keys(x2d: jax.Array, k: int, use_abs: bool = False) -> jax.Array:
+    """The fused Pallas kernel as a selector (its own apply is discarded)."""
+    return kwta_rows_pallas(x2d, k, use_abs)[1]
+
+
+# Every selector must agree bit-for-bit with "topk". Kernel modules add theirs here.
+IMPLEMENTATIONS: dict[str, Selector] = {
+    "topk": topk_threshold_keys,
     # Plain XLA interpolation search on counts (kwta_jax/selection.py): any backend.
-    "select": kwta_rows_select,
-    # Fused Pallas kernel (kernels/kwta_pallas.py): Triton on GPU, Mosaic on TPU, interpret
-    # mode (slow) on CPU.
-    "pallas": kwta_rows_pallas,
-    # C++ radix-select kernel through XLA FFI (kernels/kwta_cpu.py): CPU backend only,
+    "select": select_threshold_keys,
+    # Pallas kernel (kernels/kwta_pallas.py): Triton on GPU, Mosaic on TPU, interpret mode
+    # (slow) on CPU.
+    "pallas": _pallas_threshold_keys,
+    # C++ sample-bracket selection through XLA FFI (kernels/kwta_cpu.py): CPU backend only,
     # compiled with the system C++ compiler at first use.
-    "cpu": kwta_rows_cpu,
+    "cpu": cpu_threshold_keys,
 }
+# Selectors with a fused forward kernel (see `FusedForward`); none on CPU: there XLA's fused
+# apply is as fast as ReLU, and a kernel writing y would not fuse with its consumer.
+FUSED_FORWARD: dict[str, FusedForward] = {}
 
 
 def resolve_impl(impl: str) -> str:
-    """Name of the row implementation that ``impl`` selects on the default backend.
+    """Name of the selector that ``impl`` selects on the default backend.
 
-    ``"auto"`` picks the fastest exact implementation available for `jax.default_backend`.
+    ``"auto"`` picks the fastest exact selector available for `jax.default_backend`
+    (measurements behind each choice: docs/benchmarks.md). How a few winners in long rows are
+    found (the small-k path) is the selector's own choice, by k and n.
     """
     if impl == "auto":
-        # CPU: the FFI kernel ("cpu", two passes over the data, 1.7-2x ReLU on
-        # [128,32,32,64]) when a C++ compiler could build it, else "select" (exact plain
-        # XLA, 2.4-4.6x ReLU there; top_k is a full sort on XLA:CPU); docs/benchmarks.md.
-        # GPU: the Pallas kernel (Triton), measured bit-exact on an H200 and faster than
-        # "select" and "top_k" on every benchmarked shape (docs/benchmarks.md).
-        # TPU: "select"; the kernel lowers for Mosaic but has not run on a TPU yet.
-        # With several CPU devices (data parallelism) "select" again: XLA partitions it along
-        # the sharded batch, but gathers the whole batch onto every device for an FFI call.
         backend = jax.default_backend()
         if backend in ("gpu", "cuda", "rocm") and triton_available():
             return "pallas"
+        # Several CPU devices (data parallelism): XLA partitions "select" along the sharded
+        # batch, but it would gather the whole batch onto every device for an FFI call.
         single_cpu = backend == "cpu" and jax.local_device_count() == 1
         if single_cpu and cpu_kernel_available():
             return "cpu"
+        # TPU: "select"; the Pallas kernel lowers for Mosaic but has not run on a TPU yet.
         return "select"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(
@@ -144,23 +172,32 @@ def resolve_impl(impl: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def threshold_keys(x2d: jax.Array, k: int, use_abs: bool, impl: str) -> jax.Array:
+    """Each row's k-th largest rank key with selector ``impl``, as a constant (no derivative)."""
+    return IMPLEMENTATIONS[impl](lax.stop_gradient(x2d), k, use_abs)
+
+
 def kwta_rows(x2d: jax.Array, k: int, use_abs: bool = False, impl: str = "topk") -> jax.Array:
-    """k-WTA over the last axis of ``x2d: [rows, n]`` with row implementation ``impl``.
+    """k-WTA over the last axis of ``x2d: [rows, n]`` with selector ``impl``.
 
     No validation: `kwta` is the public entry point. ``impl`` must be a key of
     `IMPLEMENTATIONS` (not ``"auto"``).
     """
-    return IMPLEMENTATIONS[impl](x2d, k, use_abs)[0]
+    if impl in FUSED_FORWARD:
+        return _kwta_rows_fused(x2d, k, use_abs, impl)
+    return apply_threshold(x2d, threshold_keys(x2d, k, use_abs, impl), use_abs)[0]
 
 
-@kwta_rows.defjvp
-def _kwta_rows_jvp(k, use_abs, impl, primals, tangents):
-    (x2d,), (t2d,) = primals, tangents
-    y2d, threshold_key = IMPLEMENTATIONS[impl](x2d, k, use_abs)
-    mask = rank_keys(x2d, use_abs) >= threshold_key[:, None]
-    # `where` rather than `t * mask`: a non-finite tangent at a losing unit gives 0, not NaN.
-    return y2d, jnp.where(mask, t2d, jnp.zeros((), t2d.dtype))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _kwta_rows_fused(x2d: jax.Array, k: int, use_abs: bool, impl: str) -> jax.Array:
+    return FUSED_FORWARD[impl](x2d, k, use_abs)[0]
+
+
+@_kwta_rows_fused.defjvp
+def _kwta_rows_fused_jvp(k, use_abs, impl, primals, tangents):
+    # Differentiated: the selector and apply_threshold, whose derivative is the op's rule.
+    threshold_key = threshold_keys(primals[0], k, use_abs, impl)
+    return jax.jvp(lambda v: apply_threshold(v, threshold_key, use_abs)[0], primals, tangents)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,7 +390,7 @@ def kwta(
         channel of a channels-last input). See `competition_axes`.
       axes: explicit competition axes instead of ``groups`` (never the batch axis 0).
       use_abs: rank by ``|x|`` and keep the signed value.
-      impl: row implementation: ``"auto"`` or a key of `IMPLEMENTATIONS`.
+      impl: selector: ``"auto"`` or a key of `IMPLEMENTATIONS`.
 
     Returns:
       Array of the shape and dtype of ``x``.
@@ -389,8 +426,8 @@ def kwta_mask(
 ) -> jax.Array:
     """Boolean mask of the winners of `kwta` (same arguments); shape of ``x``."""
     x2d, layout, kk, name = _to_rows(x, ratio, k, groups, axes, use_abs, impl)
-    _, threshold_key = IMPLEMENTATIONS[name](lax.stop_gradient(x2d), kk, use_abs)
-    return _from_rows(rank_keys(x2d, use_abs) >= threshold_key[:, None], layout)
+    mask = winner_mask(x2d, threshold_keys(x2d, kk, use_abs, name), use_abs)
+    return _from_rows(mask, layout)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

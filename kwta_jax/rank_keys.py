@@ -1,7 +1,9 @@
-"""Rank keys: an order-preserving map from floats to unsigned integers.
+"""Rank keys: an order-preserving map from floats to unsigned integers, and the k-WTA apply.
 
 Every k-WTA implementation ranks units by these keys, which is what makes them agree
-bit-for-bit on ties, signed zeros, infinities and NaNs.
+bit-for-bit on ties, signed zeros, infinities and NaNs. A selector (`kwta_jax.ops`) finds each
+row's threshold key; `apply_threshold` is the one place that turns rows and their threshold
+keys into the k-WTA output, and `where_bits`'s derivative is the op's one derivative rule.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["apply_threshold", "key_dtype", "rank_keys", "transpose_bits", "where_bits"]
+__all__ = [
+    "apply_threshold",
+    "key_dtype",
+    "rank_keys",
+    "transpose_bits",
+    "where_bits",
+    "winner_mask",
+]
 
 _KEY_DTYPES = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
@@ -95,19 +104,35 @@ def _transpose_bits_jvp(perm, primals, tangents):
     return transpose_bits(x, perm), jnp.transpose(t, perm)
 
 
+def winner_mask(x2d: jax.Array, threshold_key: jax.Array, use_abs: bool = False) -> jax.Array:
+    """``rank_keys(x2d) >= threshold_key[..., None]``: the winners of each row (no derivative).
+
+    Args:
+      x2d: ``[..., n]`` floating.
+      threshold_key: ``[...]`` rank keys (`key_dtype` of ``x2d``).
+      use_abs: rank by ``|x|``.
+
+    Returns:
+      Boolean array of the shape of ``x2d``.
+    """
+    return rank_keys(lax.stop_gradient(x2d), use_abs) >= threshold_key[..., None]
+
+
 def apply_threshold(
     x2d: jax.Array, threshold_key: jax.Array, use_abs: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """k-WTA output of rows given their threshold keys: ``(y2d, threshold_key)``.
 
+    Plain XLA (integer ops, a compare and a select), so it fuses with what comes before and
+    after it; its derivative is `where_bits`'s, ``upstream * mask`` as a ``where``.
+
     Args:
-      x2d: ``[rows, n]`` floating.
-      threshold_key: ``[rows]`` rank keys (`rank_keys` dtype of ``x2d``).
+      x2d: ``[..., n]`` floating.
+      threshold_key: ``[...]`` rank keys (`key_dtype` of ``x2d``), constant (no derivative).
       use_abs: rank by ``|x|``.
 
     Returns:
-      ``y2d [rows, n]``: ``x`` (bit for bit) where ``rank_keys(x) >= threshold``, ``+0``
+      ``y2d [..., n]``: ``x`` (bit for bit) where ``rank_keys(x) >= threshold``, ``+0``
       elsewhere; and ``threshold_key`` unchanged.
     """
-    mask = rank_keys(x2d, use_abs) >= threshold_key[:, None]
-    return where_bits(mask, x2d), threshold_key
+    return where_bits(winner_mask(x2d, threshold_key, use_abs), x2d), threshold_key

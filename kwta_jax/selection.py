@@ -1,7 +1,7 @@
-"""Fast exact k-th-largest selection in plain XLA: the ``"select"`` row implementation.
+"""Fast exact k-th-largest selection in plain XLA: the ``"select"`` selector.
 
-`jax.lax.top_k` on XLA:CPU sorts whole rows (about 100x a ReLU on ``[128, 65536]``), and a
-32-step bit bisection is exact but costs one full pass over the data per bit. This module finds
+`jax.lax.top_k` on XLA:CPU sorts whole rows (costs: docs/benchmarks.md), and a 32-step bit
+bisection is exact but costs one full pass over the data per bit. This module finds
 each row's exact k-th largest rank key (see `kwta_jax.rank_keys.rank_keys`) with a handful of
 passes, by *interpolation search on counts*:
 
@@ -16,7 +16,7 @@ passes, by *interpolation search on counts*:
    locally near-uniform inside a narrow bracket), spread over about one binomial standard
    deviation of the estimated position. A row whose bracket did not halve in key width probes
    the key-space midpoint next, so the width halves at least every two passes: at most
-   ``2 * bits + 1`` passes on adversarial data, typically 4-6 on ``[128, 65536]``.
+   ``2 * bits + 1`` passes on adversarial data, a handful on smooth data.
 4. A row is finished when ``lo == hi`` or when a bracket end has exactly ``k`` (resp.
    ``k - 1``) keys at or above it (then that end is the k-th largest key).
 
@@ -24,9 +24,9 @@ Everything is exact integer arithmetic on the keys; the floating-point interpola
 chooses *where* to probe, so it can cost passes but never correctness.
 
 Why a variadic reduction: XLA:CPU (jax 0.10) lowers a plain ``sum(compare(...))`` by
-materialising the compared array and handing it to a library reduction, costing about one
-ReLU per pass; a variadic ``lax.reduce`` stays one fused, vectorised, multi-threaded loop that
-reads ``x`` once (about 0.15 ReLU per candidate on ``[128, 65536]`` float32).
+materialising the compared array and handing it to a library reduction, a full write and read
+per pass; a variadic ``lax.reduce`` stays one fused, vectorised, multi-threaded loop that reads
+``x`` once (measurements: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ def _interpolated_candidates(state, k, float_dtype, slow):
 def _sample_candidates(x2d, k, use_abs, num):
     """First-pass candidates: ``[rows, num]`` sample quantiles around the threshold's rank."""
     rows, n = x2d.shape
-    # About sqrt(n) * 2 keys, at most _SAMPLE: XLA:CPU sorts cost ~50 ns per key, so a big
-    # sample would cost more than the passes it saves on short rows.
+    # About sqrt(n) * 2 keys, at most _SAMPLE: XLA:CPU sorts are slow per key, so a big sample
+    # would cost more than the passes it saves on short rows.
     size = min(_SAMPLE, max(32, 2 * int(np.sqrt(n))))
     # An odd stride so that channels-last rows (channel count a power of two) are all sampled.
     stride = max(1, n // size)
@@ -265,7 +265,10 @@ def default_unrolled_passes(backend: str) -> int:
 def kwta_rows_select(
     x2d: jax.Array, k: int, use_abs: bool, *, unrolled_passes: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Row implementation ``"select"``: exact k-WTA rows via `select_threshold_keys`.
+    """Exact k-WTA rows via `select_threshold_keys` and `apply_threshold` (the op layer's apply).
+
+    For kernels that fall back to ``"select"`` and for the GPU checks; the op itself uses
+    `select_threshold_keys` as its selector.
 
     Args:
       x2d: ``[rows, n]`` floating array.
@@ -276,7 +279,7 @@ def kwta_rows_select(
 
     Returns:
       ``(y2d [rows, n] same dtype, threshold_key [rows] unsigned)``, bit-identical to
-      `kwta_jax.ops.kwta_rows_topk`.
+      `apply_threshold` of `kwta_jax.ops.topk_threshold_keys`.
     """
     if unrolled_passes is None:
         unrolled_passes = default_unrolled_passes(jax.default_backend())

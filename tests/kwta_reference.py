@@ -34,3 +34,28 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
         return False
     unsigned = np.dtype(f"u{a.dtype.itemsize}")
     return bool(np.array_equal(a.view(unsigned), b.view(unsigned)))
+
+
+def numpy_rank_keys(x: np.ndarray, use_abs: bool = False) -> np.ndarray:
+    """Unsigned keys in the documented order, from the bits (for tests of threshold keys).
+
+    Larger key = larger value; -0.0 and +0.0 share a key; every NaN has the largest key.
+    """
+    x = np.asarray(x)
+    unsigned = np.dtype(f"u{x.dtype.itemsize}")
+    bits = x.view(unsigned)
+    sign = unsigned.type(1 << (8 * x.dtype.itemsize - 1))
+    if use_abs:
+        bits = bits & ~sign
+    magnitude = bits & ~sign
+    inf_bits = np.array(np.inf, x.dtype).view(unsigned)
+    keys = np.where((bits & sign) != 0, ~bits, bits | sign)  # negative: larger |x| is smaller
+    keys = np.where(magnitude == 0, sign, keys)
+    keys = np.where(magnitude > inf_bits, np.iinfo(unsigned).max, keys)
+    return keys.astype(unsigned)
+
+
+def numpy_threshold_keys(x: np.ndarray, k: int, use_abs: bool = False) -> np.ndarray:
+    """The k-th largest `numpy_rank_keys` of every row (last axis) of ``x``."""
+    keys = numpy_rank_keys(x, use_abs)
+    return np.sort(keys, axis=-1)[..., keys.shape[-1] - k]

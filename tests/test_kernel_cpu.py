@@ -1,11 +1,13 @@
-"""The C++ FFI kernel (impl="cpu") agrees bit-for-bit with top_k and the NumPy reference, and
-its lazy build degrades cleanly."""
+"""The C++ FFI selector (impl="cpu") agrees bit-for-bit with top_k and the NumPy reference on
+every instruction-set path, and its lazy build and cache degrade cleanly."""
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,17 +20,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kwta_jax.kernels.kwta_cpu import (
+    ISAS,
     CpuKernelUnavailable,
     build_library,
     cpu_kernel_available,
+    cpu_kernel_isa,
     cpu_kernel_status,
-    kwta_rows_cpu,
+    cpu_threshold_keys,
 )
-from kwta_reference import numpy_kwta, same_bits
+from kwta_reference import numpy_kwta, numpy_rank_keys, numpy_threshold_keys, same_bits
 
 from kwta_jax import kwta
 from kwta_jax.kernels import kwta_cpu
-from kwta_jax.ops import kwta_rows_topk, resolve_impl
+from kwta_jax.ops import resolve_impl, topk_threshold_keys
 from kwta_jax.rank_keys import rank_keys
 
 # Only the tests that run the compiled kernel skip without a compiler: the fallback tests
@@ -38,28 +42,38 @@ needs_kernel = pytest.mark.skipif(
 )
 
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
+# Every instruction-set path of the kernel; the ones this CPU lacks are skipped.
+SUPPORTED_ISAS = ISAS[: ISAS.index(cpu_kernel_isa()) + 1] if cpu_kernel_available() else ()
+ISA_PARAMS = [
+    pytest.param(isa, marks=pytest.mark.skipif(isa not in SUPPORTED_ISAS, reason="CPU lacks it"))
+    for isa in ISAS
+]
 SPECIALS = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1.0, -1.0, 2.0, -3.0]
 SUBNORMALS = {np.dtype(np.float32): 1e-40, np.dtype(ml_dtypes.bfloat16): 1e-40}
 SUBNORMALS[np.dtype(np.float16)] = 1e-6
 
 
-@functools.cache
-def _jitted(k: int, use_abs: bool):
-    return (
-        jax.jit(lambda x: kwta_rows_cpu(x, k, use_abs)),
-        jax.jit(lambda x: kwta_rows_topk(x, k, use_abs)),
-    )
+def assert_matches(x: np.ndarray, k: int, use_abs: bool, isa: str | None = None) -> None:
+    """The kernel's threshold keys equal the NumPy reference's (each row's k-th largest key)."""
+    with jax.enable_x64(x.dtype == np.float64):
+        th = np.asarray(cpu_threshold_keys(jnp.asarray(x), k, use_abs, isa=isa))
+    want = numpy_threshold_keys(x, k, use_abs)
+    assert th.dtype == want.dtype and th.shape == want.shape == x.shape[:-1]
+    np.testing.assert_array_equal(th, want)
 
 
-def assert_matches(x: np.ndarray, k: int, use_abs: bool) -> None:
-    """Kernel == top_k (output bits and threshold keys) == NumPy reference (output bits)."""
-    cpu, topk = _jitted(k, use_abs)
-    y, th = cpu(x)
-    y_ref, th_ref = topk(x)
-    assert th.dtype == th_ref.dtype and th.shape == th_ref.shape == x.shape[:-1]
-    np.testing.assert_array_equal(np.asarray(th), np.asarray(th_ref))
-    assert same_bits(np.asarray(y), np.asarray(y_ref))
-    assert same_bits(np.asarray(y), numpy_kwta(x, k, (x.ndim - 1,), use_abs))
+def test_reference_keys_are_the_thresholds_of_the_reference_op():
+    """numpy_threshold_keys (bits) and numpy_kwta (float compares) agree, and top_k agrees."""
+    rng = np.random.default_rng(0)
+    for dtype in (*DTYPES, np.float64):
+        x = rng.choice([*SPECIALS, 1e-40, -1e-40, 0.25], size=(40, 23)).astype(dtype)
+        for k in (1, 7, 23):
+            for use_abs in (False, True):
+                mask = numpy_rank_keys(x, use_abs) >= numpy_threshold_keys(x, k, use_abs)[:, None]
+                want = numpy_kwta(x, k, (1,), use_abs)
+                assert same_bits(np.where(mask, x, np.zeros((), x.dtype)), want)
+    x = rng.normal(size=(5, 300)).astype(np.float32)
+    np.testing.assert_array_equal(topk_threshold_keys(x, 30), numpy_threshold_keys(x, 30))
 
 
 def make(rng: np.random.Generator, kind: str, shape, dtype) -> np.ndarray:
@@ -93,6 +107,53 @@ def test_small_rows_all_k(rows, n, kind, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("dtype", [*DTYPES, np.float64], ids=lambda d: np.dtype(d).name)
+def test_every_instruction_set_path(isa, dtype):
+    """Row lengths around the vector widths and the direct/sampled switch, brackets inside the
+    positive floats, the negative floats and across zero, small and large k, specials."""
+    rng = np.random.default_rng(11)
+    for n in (17, 257, 4099):
+        x = rng.normal(size=(3, n))
+        x[1] = rng.choice(SPECIALS, size=n)  # ties, +-0, +-inf, NaNs of both signs
+        x[2, ::5] = -0.0
+        x = x.astype(dtype)
+        for k in sorted({1, 3, n // 10, (7 * n) // 10, n}):
+            for use_abs in (False, True):
+                assert_matches(x, k, use_abs, isa)
+
+
+def sample_positions(n: int, lanes: int) -> np.ndarray:
+    """Where the kernel samples a row of n > 256 keys (white box: kwta_select_impl.h)."""
+    keys = min(int(0.25 * np.cbrt(float(n) * n)), 1024, n // 4)
+    chunks = max(2, keys // lanes)
+    starts = [j * (n - lanes) // (chunks - 1) for j in range(chunks)]
+    return np.unique(np.concatenate([np.arange(s, s + lanes) for s in starts]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_brackets_that_miss_fall_back_exactly(isa):
+    """Rows whose sampled keys are all extreme: the sample's bracket misses the threshold
+    (above and below), and the kernel gathers that side instead; still exact."""
+    lanes = {"portable": 1, "avx2": 8, "avx512": 16}[isa]
+    misses = kwta_cpu._state["lib"].KwtaCpuBracketMisses
+    misses.restype = ctypes.c_int64
+    before = misses()
+    rng = np.random.default_rng(12)
+    for n, dtype in ((5000, np.float32), (3001, ml_dtypes.bfloat16)):
+        pos = sample_positions(n, lanes)
+        x = rng.normal(size=(2, n))
+        x[0, pos] = 100.0  # the sample says the threshold is 100: too high for k = n / 2
+        x[1, pos] = -100.0  # too low for small k
+        x = x.astype(dtype)
+        for k in (1, 5, n // 2, n - 3):
+            for use_abs in (False, True):
+                assert_matches(x, k, use_abs, isa)
+    assert misses() > before  # the fallback ran
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_long_rows(dtype):
     # 65,537 (just above a power of two, crosses block boundaries) and many rows
@@ -117,6 +178,19 @@ def test_row_longer_than_2_20():
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+def test_heavy_ties_in_long_rows(isa):
+    """A bracket holding thousands of keys of two or three values cannot shrink by sampling:
+    the selection must notice and finish by key range (this once looped forever)."""
+    rng = np.random.default_rng(14)
+    x = rng.choice([1.0, 2.0, 3.0], size=(2, 20_000)).astype(np.float32)
+    x[1, :5] = [0.5, 4.0, -0.0, 2.5, 1.5]  # a few other keys among the ties
+    for k in (1, 7_000, 10_000, 13_000, 19_999):
+        for use_abs in (False, True):
+            assert_matches(x, k, use_abs, isa)
+
+
+@needs_kernel
 def test_dense_bucket_needs_second_level():
     # All values inside one top-level bucket with many distinct keys: the selection runs its
     # radix levels on the gathered bucket before nth_element.
@@ -130,14 +204,24 @@ def test_dense_bucket_needs_second_level():
 def test_float64_when_x64_enabled():
     rng = np.random.default_rng(4)
     x = rng.choice([*SPECIALS, 1e-310, -1e-310, 0.5], size=(6, 301))
+    for k in (1, 100, 301):
+        assert_matches(x, k, False)
     with jax.enable_x64(True):
-        xj = jnp.asarray(x, jnp.float64)
-        for k in (1, 100, 301):
-            y, th = kwta_rows_cpu(xj, k, False)
-            y_ref, th_ref = kwta_rows_topk(xj, k, False)
-            assert th.dtype == jnp.uint64
-            np.testing.assert_array_equal(np.asarray(th), np.asarray(th_ref))
-            assert same_bits(np.asarray(y), np.asarray(y_ref))
+        assert cpu_threshold_keys(jnp.asarray(x), 1, False).dtype == jnp.uint64
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [*DTYPES, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("kind", ["normal", "ties", "nan", "subnormal"])
+def test_small_k_in_long_rows(kind, dtype):
+    """TopK-autoencoder regime (k <= 256, k << n): ties at the threshold, NaN, +-0."""
+    rng = np.random.default_rng(13)
+    x = make(rng, kind, (3, 20_000), dtype if dtype != np.float64 else np.float32).astype(dtype)
+    if kind == "normal":
+        x[0, rng.integers(0, 20_000, 40)] = x[0].max()  # a tie block at the top
+    for k in (1, 32, 64, 256):
+        for use_abs in (False, True):
+            assert_matches(x, k, use_abs)
 
 
 @needs_kernel
@@ -147,17 +231,18 @@ def test_float64_when_x64_enabled():
     suppress_health_check=[HealthCheck.data_too_large, HealthCheck.too_slow],
 )
 @given(
-    shape=st.sampled_from([(1, 5), (3, 17), (4, 64), (2, 300)]),
+    shape=st.sampled_from([(1, 5), (3, 17), (4, 64), (2, 300), (1, 700)]),
     dtype=st.sampled_from(DTYPES),
     use_abs=st.booleans(),
+    isa=st.sampled_from(SUPPORTED_ISAS or ("portable",)),
     data=st.data(),
 )
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
-def test_property_matches_topk(shape, dtype, use_abs, data):
+def test_property_matches_topk(shape, dtype, use_abs, isa, data):
     elements = st.sampled_from([*SPECIALS, 1e-40, -1e-40]) | st.floats(width=32)
     x = data.draw(hnp.arrays(np.float64, shape, elements=elements), label="x").astype(dtype)
     k = data.draw(st.integers(1, shape[1]), label="k")
-    assert_matches(x, k, use_abs)
+    assert_matches(x, k, use_abs, isa)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,9 +271,9 @@ def test_jit_and_vmap_equal_stacked():
     stacked = jnp.stack([f(x) for x in xs])
     assert same_bits(np.asarray(jax.vmap(f)(xs)), np.asarray(stacked))
     # the batched call is one kernel call on [3, 4, 30] (every leading dim is a row)
-    _, th = jax.vmap(lambda x: kwta_rows_cpu(x, 7, False))(xs.reshape(3, 4, 30))
+    th = jax.vmap(lambda x: cpu_threshold_keys(x, 7, False))(xs.reshape(3, 4, 30))
     assert th.shape == (3, 4)
-    want = jnp.stack([kwta_rows_topk(x, 7, False)[1] for x in xs.reshape(3, 4, 30)])
+    want = jnp.stack([topk_threshold_keys(x, 7, False) for x in xs.reshape(3, 4, 30)])
     np.testing.assert_array_equal(np.asarray(th), np.asarray(want))
 
 
@@ -200,7 +285,7 @@ def test_grad_is_upstream_times_mask(use_abs):
     g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     k = 9
     grad = jax.jit(jax.grad(lambda x: jnp.vdot(kwta(x, k=k, use_abs=use_abs, impl="cpu"), g)))
-    _, th = kwta_rows_topk(x, k, use_abs)
+    th = topk_threshold_keys(x, k, use_abs)
     mask = rank_keys(x, use_abs) >= th[:, None]
     np.testing.assert_array_equal(np.asarray(grad(x)), np.asarray(jnp.where(mask, g, 0.0)))
 
@@ -219,16 +304,35 @@ def test_jvp_matches_topk():
 @needs_kernel
 def test_bad_arguments():
     with pytest.raises(ValueError, match="k=0"):
-        kwta_rows_cpu(jnp.ones((2, 3)), 0, False)
+        cpu_threshold_keys(jnp.ones((2, 3)), 0, False)
     with pytest.raises(ValueError, match="k=4"):
-        kwta_rows_cpu(jnp.ones((2, 3)), 4, False)
+        cpu_threshold_keys(jnp.ones((2, 3)), 4, False)
     with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
-        kwta_rows_cpu(jnp.ones((2, 3), jnp.int32), 1, False)
+        cpu_threshold_keys(jnp.ones((2, 3), jnp.int32), 1, False)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        cpu_threshold_keys(jnp.ones((2, 3)), 1, False, isa="sse9")
 
 
 # ---------------------------------------------------------------------------------------------
-# Lazy build: concurrent builders, and no compiler.
+# Lazy build and cache: concurrent builders, no compiler, damaged caches.
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_cxx(tmp_path):
+    """A "compiler" that copies the library this session already built: the cache's logic
+    without a real compilation (seconds each) per test."""
+    real = build_library()
+    script = tmp_path / "fake-cxx"
+    script.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--version" ]; then echo "fake-cxx 1.0"; exit 0; fi\n'
+        'if [ -n "$FAKE_CXX_FAILS" ]; then echo "fake-cxx: broken" >&2; exit 1; fi\n'
+        'while [ $# -gt 0 ]; do [ "$1" = "-o" ] && out="$2"; shift; done\n'
+        f'cp "{real}" "$out"\n'
+    )
+    script.chmod(0o755)
+    return [str(script)]
 
 
 @needs_kernel
@@ -248,7 +352,8 @@ def test_concurrent_builds_into_an_empty_cache(tmp_path):
         t.join()
     assert not errors, errors
     assert len(set(paths)) == 1
-    assert [p.name for p in tmp_path.iterdir()] == [paths[0].name]  # no temp file left over
+    # no temp file left over: the library and its size/SHA-256 record
+    assert sorted(p.name for p in tmp_path.iterdir()) == [paths[0].name, paths[0].name + ".sha256"]
     assert ctypes.CDLL(str(paths[0])).KwtaCpu  # a complete, loadable library
     assert build_library(directory=tmp_path) == paths[0]  # cached: no rebuild
 
@@ -278,16 +383,104 @@ def test_compile_error_names_command_and_output(tmp_path, monkeypatch):
 
 
 @needs_kernel
-def test_cache_key_covers_extra_flags_and_source(tmp_path, monkeypatch):
+def test_cache_key_covers_extra_flags_and_sources(tmp_path, monkeypatch):
     base = kwta_cpu.library_path(directory=tmp_path)
     monkeypatch.setenv("KWTA_JAX_CXXFLAGS", "-march=native")
     native = kwta_cpu.library_path(directory=tmp_path)
     assert native != base and native.parent == base.parent == tmp_path
     monkeypatch.delenv("KWTA_JAX_CXXFLAGS")
-    source = tmp_path / "kwta_cpu.cc"
-    source.write_bytes(kwta_cpu.SOURCE.read_bytes() + b"\n// edited\n")
-    monkeypatch.setattr(kwta_cpu, "SOURCE", source)
-    assert kwta_cpu.library_path(directory=tmp_path) not in (base, native)
+    for name, attr in (("kwta_cpu.cc", "SOURCE"), ("kwta_simd.h", None)):
+        edited = tmp_path / "edited" / name
+        edited.parent.mkdir(exist_ok=True)
+        original = kwta_cpu.SOURCE.with_name(name)
+        edited.write_bytes(original.read_bytes() + b"\n// edited\n")
+        with monkeypatch.context() as m:
+            if attr:
+                m.setattr(kwta_cpu, attr, edited)
+            else:
+                headers = tuple(edited if h.name == name else h for h in kwta_cpu.HEADERS)
+                m.setattr(kwta_cpu, "HEADERS", headers)
+            assert kwta_cpu.library_path(directory=tmp_path) not in (base, native)
+
+
+@needs_kernel
+def test_cache_key_is_content_not_paths(tmp_path, monkeypatch):
+    """Another clone (sources elsewhere) or venv (FFI headers elsewhere) with the same contents
+    reuses the build; a changed FFI header does not (issue 21, item 19)."""
+    base = kwta_cpu.library_path(directory=tmp_path)
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for source in (kwta_cpu.SOURCE, *kwta_cpu.HEADERS):
+        (clone / source.name).write_bytes(source.read_bytes())
+    monkeypatch.setattr(kwta_cpu, "SOURCE", clone / kwta_cpu.SOURCE.name)
+    monkeypatch.setattr(kwta_cpu, "HEADERS", tuple(clone / h.name for h in kwta_cpu.HEADERS))
+    venv_include = tmp_path / "venv" / "include"
+    shutil.copytree(jax.ffi.include_dir(), venv_include)
+    monkeypatch.setattr(jax.ffi, "include_dir", lambda: str(venv_include))
+    assert kwta_cpu.library_path(directory=tmp_path) == base
+    header = venv_include / "xla" / "ffi" / "api" / "ffi.h"
+    header.write_bytes(header.read_bytes() + b"\n// a new jaxlib\n")
+    assert kwta_cpu.library_path(directory=tmp_path) != base
+
+
+@needs_kernel
+def test_a_truncated_cached_library_is_rebuilt(tmp_path, fake_cxx):
+    """A cut-off .so in the cache is never loaded (that can be a SIGBUS): its size/SHA-256
+    record does not match, so the build replaces it (issue 21, item 11)."""
+    cache = tmp_path / "cache"
+    path = build_library(fake_cxx, cache)
+    assert kwta_cpu.library_problem(path) is None
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 3])
+    assert "truncated or damaged" in kwta_cpu.library_problem(path)
+    assert build_library(fake_cxx, cache) == path
+    assert path.read_bytes() == good and kwta_cpu.library_problem(path) is None
+    kwta_cpu.sidecar_path(path).unlink()  # a library without its record is not trusted either
+    assert "missing" in kwta_cpu.library_problem(path)
+    build_library(fake_cxx, cache)
+    assert kwta_cpu.library_problem(path) is None
+
+
+@needs_kernel
+def test_a_bad_cached_library_that_cannot_be_rebuilt_is_skipped(tmp_path, fake_cxx, monkeypatch):
+    """Damaged and the rebuild fails: the kernel is off, its status says both, auto -> select."""
+    cache = tmp_path / "cache"
+    path = build_library(fake_cxx, cache)
+    path.write_bytes(path.read_bytes()[:1000])
+    monkeypatch.setenv("KWTA_JAX_CACHE_DIR", str(cache))
+    monkeypatch.setenv("CXX", fake_cxx[0])
+    monkeypatch.setenv("FAKE_CXX_FAILS", "1")
+    monkeypatch.setattr(kwta_cpu, "_state", {})
+    status = cpu_kernel_status()
+    assert "truncated or damaged" in status and "fake-cxx: broken" in status
+    assert resolve_impl("auto") == "select"
+    assert path.stat().st_size == 1000  # left alone, never loaded
+
+
+_LOAD_FROM_CACHE = """
+import jax.numpy as jnp
+from kwta_jax import kwta
+from kwta_jax.kernels.kwta_cpu import cpu_kernel_status
+print(cpu_kernel_status(), kwta(jnp.arange(6.0)[None], k=2, impl="cpu").tolist())
+"""
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_a_new_process_survives_a_truncated_cache(tmp_path, fake_cxx):
+    """The reported fault: a truncated library in KWTA_JAX_CACHE_DIR killed the next process
+    with a Bus error. Now the next process rebuilds it and runs."""
+    cache = tmp_path / "cache"
+    env = dict(os.environ, KWTA_JAX_CACHE_DIR=str(cache), CXX=fake_cxx[0])
+    path = build_library(fake_cxx, cache)
+    path.write_bytes(path.read_bytes()[:4096])
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_FROM_CACHE], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[0] == "None [[0.0, 0.0, 0.0, 0.0, 4.0, 5.0]]"
+    assert kwta_cpu.library_problem(path) is None
 
 
 def test_no_home_directory_falls_back_to_select(monkeypatch):
@@ -309,20 +502,23 @@ def test_no_home_directory_falls_back_to_select(monkeypatch):
 
 
 @needs_kernel
-def test_built_library_is_readable_by_other_users(tmp_path):
-    path = build_library(directory=tmp_path)
+def test_built_library_is_readable_by_other_users(tmp_path, fake_cxx):
+    path = build_library(fake_cxx, tmp_path / "cache")
     assert path.stat().st_mode & 0o755 == 0o755
+    assert kwta_cpu.sidecar_path(path).stat().st_mode & 0o644 == 0o644
 
 
 @needs_kernel
-def test_stale_temporaries_of_killed_builds_are_removed(tmp_path):
-    final = kwta_cpu.library_path(directory=tmp_path)
-    stale = tmp_path / f"{final.stem}.killed.tmp"
-    fresh = tmp_path / f"{final.stem}.running.tmp"
+def test_stale_temporaries_of_killed_builds_are_removed(tmp_path, fake_cxx):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    final = kwta_cpu.library_path(fake_cxx, cache)
+    stale = cache / f"{final.stem}.killed.tmp"
+    fresh = cache / f"{final.stem}.running.tmp"
     stale.write_bytes(b"")
     fresh.write_bytes(b"")
     old = time.time() - 2 * kwta_cpu._STALE_TMP_S
     os.utime(stale, (old, old))
-    build_library(directory=tmp_path)
+    build_library(fake_cxx, cache)
     assert not stale.exists()  # a build killed long ago
     assert fresh.exists()  # may belong to a build still running

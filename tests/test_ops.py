@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from kwta_jax.kernels.kwta_cpu import cpu_kernel_available
 from kwta_reference import numpy_kwta, same_bits
 
-from kwta_jax import kwta, kwta_bpda, kwta_mask, num_winners
-from kwta_jax.ops import IMPLEMENTATIONS, competition_axes
-from kwta_jax.rank_keys import rank_keys
+from kwta_jax import kwta, kwta_bpda, kwta_mask, num_winners, ops
+from kwta_jax.ops import IMPLEMENTATIONS, competition_axes, topk_threshold_keys
+from kwta_jax.rank_keys import apply_threshold, rank_keys
 
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 SPECIALS = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan]
@@ -358,20 +358,80 @@ def test_derivatives_of_every_implementation(impl):
     )
 
 
+# bfloat16 bit patterns: signalling NaNs (0x7F81, 0xFF81; quieted by a float conversion),
+# quiet NaNs with payloads (0x7FC1, 0xFFC3; canonicalised to 0x7FC0 / 0xFFC0 by XLA:CPU's
+# float32 round trip), subnormals of both signs, ordinary values.
+PAYLOAD_BITS = np.array([0x0001, 0x7FC1, 0xFFC3, 0x3F80, 0x7F81, 0x8001, 0x4000, 0xFF81], np.uint16)
+PAYLOAD_NANS = {0x7FC1, 0xFFC3, 0x7F81, 0xFF81}
+
+
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 @pytest.mark.parametrize("groups", ["sample", "channel"])
 def test_winners_keep_every_bit(impl, groups):
-    """bfloat16 NaN payloads and subnormals come out bit for bit, through the transposes of
-    channel groups too (XLA:CPU's float where/transpose canonicalise them)."""
-    bits = np.array([0x0001, 0x7FC1, 0xFFC3, 0x3F80, 0x0002, 0x8001, 0x4000, 0x0000], np.uint16)
-    x = jnp.asarray(bits.view(jnp.bfloat16)).reshape(1, 2, 4)
-    y = kwta(x, k=1 if groups == "channel" else 6, groups=groups, impl=impl)
+    """bfloat16 NaN payloads (signalling ones too) and subnormals come out bit for bit, under
+    jit, through the transposes of channel groups too (XLA:CPU's float where/transpose/convert
+    would canonicalise them)."""
+    x = jnp.asarray(np.tile(PAYLOAD_BITS, 2).view(jnp.bfloat16)).reshape(2, 2, 4)
+    k = 1 if groups == "channel" else 6
+    y = jax.jit(functools.partial(kwta, k=k, groups=groups, impl=impl))(x)
     got = np.asarray(y).view(np.uint16).ravel()
-    want = np.asarray(kwta(x, k=1 if groups == "channel" else 6, groups=groups, impl="topk"))
+    want = np.asarray(kwta(x, k=k, groups=groups, impl="topk"))
     np.testing.assert_array_equal(got, want.view(np.uint16).ravel())
+    bits = np.asarray(x).view(np.uint16).ravel()
     kept = got != 0
     np.testing.assert_array_equal(got[kept], bits[kept])  # the winners' own bit patterns
-    assert {0x7FC1, 0xFFC3} <= set(got.tolist())  # NaN payloads win and survive
+    assert PAYLOAD_NANS <= set(got.tolist())  # every NaN payload wins and survives
+
+
+def test_a_fused_forward_kernel_serves_the_forward_only(monkeypatch):
+    """The hook for kernels that write y themselves: used for the plain forward; under
+    differentiation the op's selector + apply_threshold (the one derivative rule) take over."""
+    calls = []
+
+    def fused(x2d, k, use_abs):
+        calls.append(x2d.shape)
+        threshold_key = topk_threshold_keys(x2d, k, use_abs)
+        return apply_threshold(x2d, threshold_key, use_abs)
+
+    monkeypatch.setitem(ops.FUSED_FORWARD, "topk", fused)
+    x = smooth_input(jax.random.key(21), (3, 20))
+    g = jax.random.normal(jax.random.key(22), x.shape)
+    monkeypatch.delitem(ops.FUSED_FORWARD, "topk")
+    want_y = kwta(x, ratio=0.25, impl="topk")
+    want_grad = jax.grad(lambda v: jnp.vdot(kwta(v, ratio=0.25, impl="topk"), g))(x)
+    monkeypatch.setitem(ops.FUSED_FORWARD, "topk", fused)
+    np.testing.assert_array_equal(kwta(x, ratio=0.25, impl="topk"), want_y)
+    assert calls
+    grad = jax.jit(jax.grad(lambda v: jnp.vdot(kwta(v, ratio=0.25, impl="topk"), g)))(x)
+    np.testing.assert_array_equal(grad, want_grad)
+    hessian = jax.hessian(lambda v: jnp.sum(kwta(v, ratio=0.25, impl="topk") ** 2))(x[:1, :8])
+    mask = np.asarray(kwta_mask(x[:1, :8], ratio=0.25, impl="topk"))[0]
+    np.testing.assert_array_equal(hessian.reshape(8, 8), 2.0 * np.diag(mask))
+
+
+def test_selectors_have_no_derivative_rule_and_see_no_tangents(monkeypatch):
+    """The op hands selectors stop_gradient values: a selector that is not differentiable at
+    all (here: a host callback) still gives grad, jvp and vmap of kwta."""
+
+    def host_selector(x2d, k, use_abs):
+        keys = jax.pure_callback(
+            lambda a: np.sort(np.asarray(a), axis=-1)[..., a.shape[-1] - k],
+            jax.ShapeDtypeStruct(x2d.shape[:-1], np.uint32),
+            rank_keys(x2d, use_abs),
+            vmap_method="expand_dims",
+        )
+        return keys
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "host", host_selector)
+    x = smooth_input(jax.random.key(23), (3, 12))
+    g = jax.random.normal(jax.random.key(24), x.shape)
+    mask = kwta_mask(x, k=4, impl="topk")
+    grad = jax.grad(lambda v: jnp.vdot(kwta(v, k=4, impl="host"), g))(x)
+    np.testing.assert_array_equal(grad, jnp.where(mask, g, 0.0))
+    tangent = jax.jvp(lambda v: kwta(v, k=4, impl="host"), (x,), (g,))[1]
+    np.testing.assert_array_equal(tangent, jnp.where(mask, g, 0.0))
+    stacked = jax.vmap(lambda v: kwta(v, k=4, impl="host"))(jnp.stack([x, -x]))
+    np.testing.assert_array_equal(stacked[1], kwta(-x, k=4, impl="topk"))
 
 
 def test_nested_lists_are_arrays():
@@ -434,3 +494,45 @@ def test_every_cpu_implementation_under_shard_map_and_sharded_jit():
             assert str(out["pallas shard_map"]).startswith("NotImplementedError"), out
         else:
             assert out[f"{impl} shard_map"] is True, (impl, out)
+
+
+_PAYLOAD_SCRIPT = r"""
+import functools, json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from kwta_jax import kwta
+
+assert jax.device_count() == 2, jax.devices()
+mesh = Mesh(np.asarray(jax.devices()), ("b",))
+bits = np.array(json.loads(sys.argv[1]), np.uint16)
+x = jnp.asarray(np.tile(bits, 8).view(jnp.bfloat16)).reshape(4, 2, 2, 4)
+sharded = jax.device_put(x, NamedSharding(mesh, P("b")))
+out = {}
+for impl in sys.argv[2:]:
+    for groups in ("sample", "channel"):
+        f = jax.jit(functools.partial(kwta, ratio=0.5, groups=groups, impl=impl))
+        want = np.asarray(kwta(x, ratio=0.5, groups=groups, impl="topk")).view(np.uint16)
+        got = np.asarray(f(sharded)).view(np.uint16)
+        values = sorted(set(got.ravel().tolist()))
+        out[f"{impl} {groups}"] = [bool(np.array_equal(got, want)), values]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_bfloat16_nan_payloads_survive_a_batch_sharded_jit():
+    """2 CPU devices, a batch-sharded bfloat16 input with NaN payloads: every selector keeps
+    the winners' bits (issue 21). XLA:CPU runs a bfloat16 all-gather in float32 (convert,
+    all-gather, convert back), which canonicalises NaNs; an opaque FFI call makes XLA gather its
+    input, so the op only lets the gathered copy choose the threshold (all NaNs share one rank
+    key) and selects the output from the shard's own bits."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run(
+        [sys.executable, "-c", _PAYLOAD_SCRIPT, json.dumps(PAYLOAD_BITS.tolist()), *IMPLS],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, (equal, values) in out.items():
+        assert equal, (name, [hex(v) for v in values])
+        assert PAYLOAD_NANS <= set(values), (name, [hex(v) for v in values])

@@ -13,9 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kwta_jax import kwta
-from kwta_jax.ops import kwta_rows_topk
-from kwta_jax.rank_keys import rank_keys
+from kwta_jax.ops import topk_threshold_keys
+from kwta_jax.rank_keys import apply_threshold, rank_keys
 from kwta_jax.selection import kwta_rows_select, select_threshold_keys
+
+
+def kwta_rows_topk(x, k, use_abs):
+    """The reference rows: top_k's threshold keys, applied."""
+    return apply_threshold(x, topk_threshold_keys(x, k, use_abs), use_abs)
+
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Values that stress the ordering: many ties, signed zeros, infinities, NaNs of both signs,
