@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kwta_jax.rank_keys import key_dtype, rank_keys, where_bits
+from kwta_jax.rank_keys import key_dtype, rank_keys
 
 try:  # Pallas's Triton backend is deprecated in jax 0.11 and may be removed later.
     from jax.experimental.pallas import triton as pltriton
@@ -56,7 +56,6 @@ except ImportError:  # pragma: no cover - depends on the installed jax
 __all__ = [
     "KernelConfig",
     "default_config",
-    "kwta_rows_pallas",
     "pallas_threshold_keys",
     "threshold_keys_reference",
     "triton_available",
@@ -366,11 +365,3 @@ def pallas_threshold_keys(
     if x2d.shape[0] == 0:
         return jnp.zeros((0,), key_dtype(dtype))
     return _threshold_keys(x2d, int(k), bool(use_abs), launch, interpret)
-
-
-def kwta_rows_pallas(x2d, k, use_abs=False, **launch_overrides):
-    """Transitional: ``(y2d, threshold_key)`` for an op layer that still expects row
-    implementations. Delete once `kwta_jax.ops` calls `pallas_threshold_keys` itself."""
-    x2d = jnp.asarray(x2d)
-    threshold = pallas_threshold_keys(lax.stop_gradient(x2d), k, use_abs, **launch_overrides)
-    return where_bits(rank_keys(x2d, use_abs) >= threshold[:, None], x2d), threshold

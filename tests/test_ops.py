@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kwta_jax.kernels.kwta_cpu import cpu_kernel_available
+from kwta_jax.kernels.kwta_cuda import cuda_kernel_available
 from kwta_reference import numpy_kwta, same_bits
 
 from kwta_jax import kwta, kwta_bpda, kwta_mask, num_winners, ops
@@ -32,7 +33,9 @@ SPECIALS = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan]
 IMPLS = sorted(
     name
     for name in IMPLEMENTATIONS
-    if name != "pallas" and (name != "cpu" or cpu_kernel_available())
+    if name != "pallas"
+    and (name != "cpu" or cpu_kernel_available())
+    and (name != "cuda" or cuda_kernel_available())
 )
 
 
