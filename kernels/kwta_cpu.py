@@ -18,13 +18,14 @@ Build and cache:
   set, also the CPU model and feature flags, since such flags are often machine-specific). So
   a new compiler, jaxlib, source or machine builds a new library, and every clone or virtual
   environment with the same ones shares it;
-* the compiler writes a unique temporary file in the cache directory which is then renamed over
-  the final name (`os.replace` is atomic), so processes building at the same time each produce a
-  complete library and readers never see a partial file;
-* next to the library, ``<name>.so.sha256`` records its size and SHA-256 (written before the
-  library is renamed into place). A library is loaded only when it matches: a truncated or
-  damaged file (loading one can kill the process with SIGBUS) is rebuilt, and if it cannot be
-  rebuilt the kernel is off and `cpu_kernel_status` says why.
+* the cache itself is `kwta_jax.kernels.lazy_build`: the compiler writes a unique temporary
+  file in the cache directory which is then renamed over the final name (`os.replace` is
+  atomic), so processes building at the same time each produce a complete library and readers
+  never see a partial file; next to the library, ``<name>.so.sha256`` records its size and
+  SHA-256 (written before the library is renamed into place). A library is loaded only when it
+  matches: a truncated or damaged file (loading one can kill the process with SIGBUS) is
+  rebuilt, and if it cannot be rebuilt the kernel is off and `cpu_kernel_status` says why (both
+  why the cached file was rejected and why the build failed).
 
 If no compiler works, `cpu_kernel_available` is False (`cpu_kernel_status` says why) and
 ``impl="auto"`` uses ``"select"``; asking for ``impl="cpu"`` explicitly raises
@@ -39,10 +40,7 @@ import hashlib
 import os
 import platform
 import shlex
-import subprocess
-import tempfile
 import threading
-import time
 from pathlib import Path
 
 import jax
@@ -50,6 +48,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from kwta_jax.kernels import lazy_build
 from kwta_jax.rank_keys import key_dtype
 
 __all__ = [
@@ -73,30 +72,18 @@ FLAGS: tuple[str, ...] = ("-O3", "-shared", "-fPIC", "-std=c++17")
 # Instruction sets of the selection, in the kernel's order (its `isa` attribute).
 ISAS: tuple[str, ...] = ("portable", "avx2", "avx512")
 TARGET_NAME = "kwta_jax_kwta_cpu"
+STEM = "kwta_cpu"  # cache file names: kwta_cpu-<hash>.so
 SUPPORTED_DTYPES = tuple(np.dtype(d) for d in (np.float16, jnp.bfloat16, np.float32, np.float64))
-_COMPILE_TIMEOUT_S = 600
-_STDERR_TAIL = 3000
 
 
 class CpuKernelUnavailable(RuntimeError):
     """The CPU kernel could not be built or loaded (see the message for the command/output)."""
 
 
-def cache_dir() -> Path:
-    """Where built libraries are kept: ``$KWTA_JAX_CACHE_DIR`` or ``~/.cache/kwta_jax``.
-
-    Raises:
-      CpuKernelUnavailable: neither is set nor resolvable (no home directory).
-    """
-    env = os.environ.get("KWTA_JAX_CACHE_DIR")
-    if env:
-        return Path(env)
-    try:
-        return Path.home() / ".cache" / "kwta_jax"
-    except RuntimeError as e:  # no HOME and no passwd entry for this uid
-        raise CpuKernelUnavailable(
-            f"kwta_cpu: no cache directory ({e}). Set KWTA_JAX_CACHE_DIR to a writable directory."
-        ) from e
+_HINT = "Set CXX to a working C++17 compiler, or use impl='select'."
+# Stand-ins for the paths in the compile command when it enters the cache key (paths are not
+# content: every clone and virtual environment has its own).
+_PLACEHOLDERS = ("<jax.ffi.include_dir>", "<kwta_cpu.cc>", "<output>")
 
 
 def compiler_command() -> list[str]:
@@ -104,32 +91,12 @@ def compiler_command() -> list[str]:
     return shlex.split(os.environ.get("CXX") or "c++")
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.SubprocessError) as e:  # missing binary, timeout, ...
-        raise CpuKernelUnavailable(
-            f"kwta_cpu: could not run the C++ compiler `{shlex.join(cmd)}`: {e}. Set CXX to a "
-            "working C++17 compiler, or use impl='select'."
-        ) from e
-
-
 def _extra_flags() -> list[str]:
     return shlex.split(os.environ.get("KWTA_JAX_CXXFLAGS", ""))
 
 
-def _compile_command(cxx: list[str], output: str | os.PathLike) -> list[str]:
-    return [
-        *cxx,
-        *FLAGS,
-        *_extra_flags(),
-        f"-I{jax.ffi.include_dir()}",
-        str(SOURCE),
-        "-o",
-        str(output),
-    ]
+def _compile_command(cxx: list[str], include: str, source: str, output: str) -> list[str]:
+    return [*cxx, *FLAGS, *_extra_flags(), f"-I{include}", source, "-o", output]
 
 
 def _cpu_identity() -> bytes:
@@ -151,105 +118,47 @@ def _ffi_headers_digest() -> bytes:
     return h.digest()
 
 
+def _cache_key(cxx: list[str]) -> list[bytes]:
+    """Everything that goes into the library, by content (see the module doc).
+
+    Raises:
+      lazy_build.BuildError: ``cxx --version`` cannot run or fails.
+    """
+    version = lazy_build.run_tool([*cxx, "--version"], "the C++ compiler (--version)", _HINT)
+    return [
+        *(source.read_bytes() for source in (SOURCE, *HEADERS)),
+        shlex.join(_compile_command(cxx, *_PLACEHOLDERS)).encode(),
+        version.stdout.encode(),
+        jaxlib.__version__.encode(),
+        _ffi_headers_digest(),
+        platform.machine().encode(),
+        _cpu_identity() if _extra_flags() else b"",
+    ]
+
+
 def library_path(cxx: list[str] | None = None, directory: Path | None = None) -> Path:
     """Cache path of the library: a hash of everything that goes into it, by content.
 
     Sources, compiler command (with its flags) and ``--version``, jaxlib version and FFI headers,
     architecture (and the CPU with ``$KWTA_JAX_CXXFLAGS``). No path enters the key, so clones
     and virtual environments of the same versions share one build.
+
+    Raises:
+      CpuKernelUnavailable: the compiler does not run, or there is no cache directory.
     """
     cxx = compiler_command() if cxx is None else cxx
-    version = _run([*cxx, "--version"])
-    if version.returncode != 0:
-        raise CpuKernelUnavailable(
-            f"kwta_cpu: `{shlex.join([*cxx, '--version'])}` failed "
-            f"(exit {version.returncode}): {version.stderr[-_STDERR_TAIL:]}"
-        )
-    h = hashlib.sha256()
-    for part in (
-        *(source.read_bytes() for source in (SOURCE, *HEADERS)),
-        shlex.join([*cxx, *FLAGS, *_extra_flags()]).encode(),
-        version.stdout.encode(),
-        jaxlib.__version__.encode(),
-        _ffi_headers_digest(),
-        platform.machine().encode(),
-        _cpu_identity() if _extra_flags() else b"",
-    ):
-        h.update(part)
-        h.update(b"\0")
-    return (cache_dir() if directory is None else directory) / f"kwta_cpu-{h.hexdigest()[:20]}.so"
-
-
-_STALE_TMP_S = 3600.0
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Deletes temporary files of builds that were killed (SIGKILL skips their cleanup).
-
-    Only files older than an hour: a younger one may belong to a build still running.
-    """
-    for tmp in path.parent.glob(path.stem + ".*.tmp"):
-        try:
-            if time.time() - tmp.stat().st_mtime > _STALE_TMP_S:
-                tmp.unlink()
-        except OSError:
-            pass  # another process removed it, or it is not ours to remove
-
-
-def _digest_line(library: Path) -> str:
-    """``"<size> <sha256>"`` of a file, the content of its ``.sha256`` sidecar."""
-    data = library.read_bytes()
-    return f"{len(data)} {hashlib.sha256(data).hexdigest()}\n"
-
-
-def sidecar_path(library: Path) -> Path:
-    """Where the size and SHA-256 of ``library`` are recorded."""
-    return library.with_name(library.name + ".sha256")
-
-
-def library_problem(library: Path) -> str | None:
-    """Why the cached ``library`` must not be loaded, or ``None`` when it matches its record.
-
-    Loading a truncated shared library can kill the process (SIGBUS) instead of raising, so
-    every load is checked first: the file's size and SHA-256 against its sidecar.
-    """
-    record = sidecar_path(library)
     try:
-        expected = record.read_text()
-    except FileNotFoundError:
-        return f"{record.name} (its size and SHA-256) is missing"
-    except (OSError, UnicodeDecodeError) as e:
-        return f"{record.name} is unreadable: {e}"
-    try:
-        actual = _digest_line(library)
-    except OSError as e:
-        return f"{library.name} is unreadable: {e}"
-    if actual != expected:
-        return (
-            f"{library.name} does not match {record.name} (size and SHA-256 "
-            f"{actual.strip()!r}, recorded {expected.strip()!r}): truncated or damaged"
-        )
-    return None
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return lazy_build.library_path(STEM, _cache_key(cxx), directory)
+    except lazy_build.BuildError as e:
+        raise CpuKernelUnavailable(f"kwta_cpu: {e}") from e
 
 
 def build_library(cxx: list[str] | None = None, directory: Path | None = None) -> Path:
     """Compiles the kernel into the cache unless a valid build is there; returns its path.
 
     A cached library that does not match its size/SHA-256 record (truncated, damaged, or from
-    an interrupted copy) is rebuilt. Safe to call from several threads or processes at once:
-    each compiles into its own temporary file, records it, and atomically renames it.
+    an interrupted copy) is rebuilt. Safe to call from several threads or processes at once
+    (`kwta_jax.kernels.lazy_build.cached_library`).
 
     Raises:
       CpuKernelUnavailable: no compiler, the compilation failed (the message holds the command
@@ -257,48 +166,25 @@ def build_library(cxx: list[str] | None = None, directory: Path | None = None) -
         says why a cached library was rejected, if one was).
     """
     cxx = compiler_command() if cxx is None else cxx
-    path = library_path(cxx, directory)
-    rejected = library_problem(path) if path.exists() else None
-    if path.exists() and rejected is None:
-        return path
-    why = f" (the cached library was rejected: {rejected})" if rejected else ""
+
+    def compile_to(output: Path) -> None:
+        cmd = _compile_command(cxx, jax.ffi.include_dir(), str(SOURCE), str(output))
+        lazy_build.run_tool(cmd, "the C++ compiler (compiling the CPU kernel)", _HINT)
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(path)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as e:
-        raise CpuKernelUnavailable(
-            f"kwta_cpu: cannot write to the cache directory {path.parent}: {e}{why}. "
-            "Set KWTA_JAX_CACHE_DIR to a writable directory."
-        ) from e
+        return lazy_build.cached_library(STEM, _cache_key(cxx), compile_to, directory)
+    except lazy_build.BuildError as e:
+        raise CpuKernelUnavailable(f"kwta_cpu: {e}") from e
+
+
+def _load_kernel() -> tuple[ctypes.CDLL, object, object]:
+    """Builds (if needed) and loads the library, checked against its record just before."""
+    path = build_library()
     try:
-        cmd = _compile_command(cxx, tmp)
-        try:
-            result = _run(cmd)
-        except CpuKernelUnavailable as e:
-            raise CpuKernelUnavailable(f"{e}{why}") from e
-        if result.returncode != 0:
-            raise CpuKernelUnavailable(
-                f"kwta_cpu: compiling the CPU kernel failed (exit {result.returncode}){why}.\n"
-                f"command: {shlex.join(cmd)}\n"
-                f"output (tail):\n{(result.stdout + result.stderr)[-_STDERR_TAIL:]}"
-            )
-        # mkstemp creates the file 0600 and the compiler keeps that mode (0711 once linked):
-        # give the library the usual 0755 so that other users of a shared cache can load it.
-        os.chmod(tmp, 0o755)
-        # The record first: a library without a matching record is rebuilt, never loaded.
-        _write_atomically(sidecar_path(path), _digest_line(Path(tmp)))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CpuKernelUnavailable(
-            f"kwta_cpu: cannot write the kernel into the cache directory {path.parent}: {e}{why}."
-            " Set KWTA_JAX_CACHE_DIR to a writable directory."
-        ) from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        lib = lazy_build.load_library(path)
+        return lib, lib.KwtaCpu, lib.KwtaCpuBestIsa
+    except (lazy_build.BuildError, AttributeError) as e:  # AttributeError: a missing symbol
+        raise CpuKernelUnavailable(f"kwta_cpu: {e}") from e
 
 
 # Loaded library and registration state, set once per process (a failed build is not retried:
@@ -314,16 +200,7 @@ def _ensure_registered() -> None:
             try:
                 if os.environ.get("KWTA_JAX_CPU_KERNEL", "1") == "0":
                     raise CpuKernelUnavailable("kwta_cpu: disabled by KWTA_JAX_CPU_KERNEL=0.")
-                path = build_library()
-                problem = library_problem(path)  # replaced since the build: check what we load
-                if problem is not None:
-                    raise CpuKernelUnavailable(f"kwta_cpu: not loading {path}: {problem}.")
-                try:
-                    lib = ctypes.cdll.LoadLibrary(str(path))
-                    handler = lib.KwtaCpu
-                    best_isa = lib.KwtaCpuBestIsa
-                except OSError as e:
-                    raise CpuKernelUnavailable(f"kwta_cpu: cannot load {path}: {e}") from e
+                lib, handler, best_isa = _load_kernel()
                 best_isa.restype = ctypes.c_int64
                 jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(handler), platform="cpu")
                 _state["lib"] = lib  # keep the library loaded for the life of the process

@@ -17,8 +17,8 @@ Build (lazily, at first use, like ``kwta_cpu``; `kwta_jax.kernels.lazy_build`):
   ``nvidia-cuda-cccl`` wheels' include directories on nvcc's path);
 * target: the GPU's compute capability (``-gencode arch=compute_XY,code=sm_XY``);
 * cache: ``$KWTA_JAX_CACHE_DIR`` or ``~/.cache/kwta_jax``, keyed by the source's content,
-  the flags, the target, ``nvcc --version`` and the jaxlib version; validated (sha256) before
-  it is loaded; built into a temporary file and renamed atomically.
+  the flags, the target, ``nvcc --version`` and the jaxlib version; validated (size and
+  SHA-256) before it is loaded; built into a temporary file and renamed atomically.
 
 `cuda_kernel_status` says why the kernel is not usable (not a CUDA backend, no nvcc, a failed
 build, ``KWTA_JAX_CUDA_KERNEL=0``); `cuda_kernel_available` is its boolean. On anything but a
@@ -28,7 +28,6 @@ CUDA GPU nothing is compiled. Asking for the kernel where it is not available ra
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import importlib.util
 import os
@@ -172,12 +171,12 @@ _state: dict[str, object] = {}
 
 
 def _register(path: Path) -> None:
-    """Loads the library and registers both FFI targets for platform CUDA."""
+    """Loads the library (checked against its record) and registers both FFI targets for CUDA."""
     try:
-        lib = ctypes.cdll.LoadLibrary(str(path))
+        lib = lazy_build.load_library(path)
         handlers = {SELECT_TARGET: lib.KwtaCudaSelect, FORWARD_TARGET: lib.KwtaCudaForward}
-    except (OSError, AttributeError) as e:
-        raise CudaKernelUnavailable(f"kwta_cuda: cannot load {path}: {e}") from e
+    except (lazy_build.BuildError, AttributeError) as e:  # AttributeError: a missing symbol
+        raise CudaKernelUnavailable(f"kwta_cuda: {e}") from e
     for name, handler in handlers.items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="CUDA")
     _state["lib"] = lib  # keep the library loaded for the life of the process

@@ -1,23 +1,29 @@
-"""A content-keyed cache of shared libraries compiled at first use (the kernels' builds).
+"""A content-keyed, validated cache of shared libraries compiled at first use (the kernels).
 
 `cached_library` returns ``<cache>/<stem>-<hash>.so`` for a build whose inputs hash to
-``<hash>`` (the caller passes the source bytes, flags, compiler version... never an absolute
-path, so every clone of the repository shares one build), building it first when it is not
-there or does not pass validation:
+``<hash>`` (`library_path`; the caller passes the source bytes, the command with placeholders
+instead of paths, the tool versions... never an absolute path, so every clone of the repository
+and every virtual environment with the same contents shares one build), building it first when
+it is not there or does not pass validation. `load_library` loads it, validated again:
 
-* the compiler writes a unique temporary file in the cache directory, which is renamed over
-  the final name (`os.replace` is atomic): processes building at the same time each produce a
+* the build writes a unique temporary file in the cache directory, which is renamed over the
+  final name (`os.replace` is atomic): processes building at the same time each produce a
   complete library and readers never see a partial file;
-* beside the library, ``<name>.sha256`` (also written atomically) holds its digest; a library
-  whose digest does not match (truncated, damaged, or a build raced by another process) is
-  rebuilt instead of loaded, so a bad cache entry never crashes the process that loads it;
-* temporaries older than an hour (left by a killed build) are removed.
+* beside the library, ``<name>.so.sha256`` records its size and SHA-256 (`sidecar_path`),
+  written atomically *before* the library is renamed into place. A library that does not match
+  its record (`library_problem`: truncated, damaged, or without a record) is rebuilt by
+  `cached_library` and never loaded by `load_library`, since loading a truncated shared library
+  can kill the process (SIGBUS) instead of raising. If the rebuild fails too, the `BuildError`
+  says both why the cached file was rejected and why the build failed;
+* temporaries of the stem older than an hour (left by a killed build: SIGKILL skips the
+  cleanup) are removed; younger ones may belong to a build still running.
 
-Cache directory: ``$KWTA_JAX_CACHE_DIR`` or ``~/.cache/kwta_jax``.
+Cache directory: ``$KWTA_JAX_CACHE_DIR`` or ``~/.cache/kwta_jax`` (`cache_dir`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shlex
@@ -27,7 +33,16 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["BuildError", "cache_dir", "cached_library", "digest_ok", "run_tool"]
+__all__ = [
+    "BuildError",
+    "cache_dir",
+    "cached_library",
+    "library_path",
+    "library_problem",
+    "load_library",
+    "run_tool",
+    "sidecar_path",
+]
 
 _TIMEOUT_S = 600
 _OUTPUT_TAIL = 3000
@@ -55,43 +70,96 @@ def cache_dir() -> Path:
         ) from e
 
 
-def run_tool(cmd: Sequence[str], what: str) -> subprocess.CompletedProcess:
-    """Runs ``cmd``; raises `BuildError` (naming ``what``) if it cannot start or fails."""
+def run_tool(cmd: Sequence[str], what: str, hint: str = "") -> subprocess.CompletedProcess:
+    """Runs ``cmd``; raises `BuildError` if it cannot start or fails.
+
+    The message names ``what``, holds the command and the tail of its output, and ends with
+    ``hint`` (the way out, e.g. which variable picks another tool).
+    """
+    hint = f" {hint}" if hint else ""
     try:
         result = subprocess.run(
             list(cmd), capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
         )
     except (OSError, subprocess.SubprocessError) as e:  # missing binary, timeout, ...
-        raise BuildError(f"could not run {what} `{shlex.join(cmd)}`: {e}") from e
+        raise BuildError(f"could not run {what} `{shlex.join(cmd)}`: {e}.{hint}") from e
     if result.returncode != 0:
         raise BuildError(
-            f"{what} failed (exit {result.returncode}).\ncommand: {shlex.join(cmd)}\n"
+            f"{what} failed (exit {result.returncode}).{hint}\ncommand: {shlex.join(cmd)}\n"
             f"output (tail):\n{(result.stdout + result.stderr)[-_OUTPUT_TAIL:]}"
         )
     return result
 
 
-def _sha256(path: Path) -> str:
+def library_path(stem: str, key: Sequence[bytes], directory: Path | None = None) -> Path:
+    """``<directory>/<stem>-<hash of key>.so``; ``directory`` defaults to `cache_dir`.
+
+    Raises:
+      BuildError: no ``directory`` and no cache directory (see `cache_dir`).
+    """
+    if "-" in stem:
+        raise ValueError(f"library_path: stem must not contain '-'; got {stem!r}.")
     h = hashlib.sha256()
+    for part in key:
+        h.update(part)
+        h.update(b"\0")
+    return (cache_dir() if directory is None else directory) / f"{stem}-{h.hexdigest()[:20]}.so"
+
+
+def sidecar_path(library: Path) -> Path:
+    """Where the size and SHA-256 of ``library`` are recorded."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _record(path: Path) -> str:
+    """``"<size> <sha256>\\n"`` of a file: the content of its sidecar."""
+    h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+            size += len(block)
+    return f"{size} {h.hexdigest()}\n"
 
 
-def _digest_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def digest_ok(path: Path) -> bool:
-    """Whether ``path`` exists and matches the digest recorded beside it."""
+def library_problem(library: Path) -> str | None:
+    """Why ``library`` must not be loaded, or ``None`` when it matches its recorded size and
+    SHA-256 (a missing record, or a missing library, is a problem too)."""
+    record = sidecar_path(library)
     try:
-        return _digest_path(path).read_text().strip() == _sha256(path)
-    except OSError:
-        return False
+        expected = record.read_text()
+    except FileNotFoundError:
+        return f"{record.name} (its size and SHA-256) is missing"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{record.name} is unreadable: {e}"
+    try:
+        actual = _record(library)
+    except OSError as e:
+        return f"{library.name} is unreadable: {e}"
+    if actual != expected:
+        return (
+            f"{library.name} does not match {record.name} (size and SHA-256 "
+            f"{actual.strip()!r}, recorded {expected.strip()!r}): truncated or damaged"
+        )
+    return None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def load_library(library: Path) -> ctypes.CDLL:
+    """Loads ``library`` if it matches its record (checked here, just before the load: the
+    file may have changed since it was built).
+
+    Raises:
+      BuildError: it does not match (it is not loaded), or the loader refused it.
+    """
+    problem = library_problem(library)
+    if problem is not None:
+        raise BuildError(f"not loading {library}: {problem}.")
+    try:
+        return ctypes.cdll.LoadLibrary(str(library))
+    except OSError as e:
+        raise BuildError(f"cannot load {library}: {e}") from e
+
+
+def _write_atomically(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -103,8 +171,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    for tmp in path.parent.glob(path.name.split("-")[0] + "-*.tmp"):
+def _remove_stale_temporaries(directory: Path, stem: str) -> None:
+    """Deletes the temporaries of ``stem`` (any key) older than an hour: builds that were killed."""
+    for tmp in directory.glob(f"{stem}-*.tmp"):
         try:
             if time.time() - tmp.stat().st_mtime > _STALE_TMP_S:
                 tmp.unlink()
@@ -122,44 +191,47 @@ def cached_library(
 
     Args:
       stem: file-name prefix (no ``-``), e.g. ``"kwta_cuda"``.
-      key: every input of the build as bytes (source, flags, tool versions, target), never
-        an absolute path of this checkout.
+      key: every input of the build as bytes (sources, the command with placeholders instead
+        of paths, tool versions, target), never an absolute path of this checkout.
       build: writes the library to the path it is given; raises `BuildError` on failure.
       directory: cache directory (default `cache_dir`).
 
     Returns:
-      The path of a complete library whose digest matches its ``.sha256`` file.
+      The path of a complete library that matches its recorded size and SHA-256.
 
     Raises:
-      BuildError: the build failed or the cache directory is not writable.
+      BuildError: the build failed or the cache directory is not writable (the message also
+        says why a cached library was rejected, if one was).
     """
-    h = hashlib.sha256()
-    for part in key:
-        h.update(part)
-        h.update(b"\0")
-    path = (cache_dir() if directory is None else directory) / f"{stem}-{h.hexdigest()[:20]}.so"
-    if digest_ok(path):
+    path = library_path(stem, key, directory)
+    problem = library_problem(path)
+    if problem is None:
         return path
+    why = f"\n(the cached {path.name} was rejected first: {problem})" if path.exists() else ""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(path)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+        _remove_stale_temporaries(path.parent, stem)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
         raise BuildError(
             f"cannot write to the cache directory {path.parent}: {e}. "
-            "Set KWTA_JAX_CACHE_DIR to a writable directory."
+            f"Set KWTA_JAX_CACHE_DIR to a writable directory.{why}"
         ) from e
     try:
         build(Path(tmp))
-        # mkstemp creates the file 0600: give the library the usual 0755 so that other users
-        # of a shared cache can load it.
+        # mkstemp creates the file 0600 and a compiler keeps that mode (0711 once linked):
+        # give the library the usual 0755 so that other users of a shared cache can load it.
         os.chmod(tmp, 0o755)
-        digest = _sha256(Path(tmp))
+        # The record first: a library without a matching record is rebuilt, never loaded.
+        _write_atomically(sidecar_path(path), _record(Path(tmp)))
         os.replace(tmp, path)
-        _atomic_write_text(_digest_path(path), digest + "\n")
+    except BuildError as e:
+        raise BuildError(f"{e}{why}") from e
     except OSError as e:
-        raise BuildError(f"cannot write {path}: {e}") from e
+        raise BuildError(
+            f"cannot write {path}: {e}. Set KWTA_JAX_CACHE_DIR to a writable directory.{why}"
+        ) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from kwta_jax.kernels.kwta_cpu import (
 from kwta_reference import numpy_kwta, numpy_rank_keys, numpy_threshold_keys, same_bits
 
 from kwta_jax import kwta
-from kwta_jax.kernels import kwta_cpu
+from kwta_jax.kernels import kwta_cpu, lazy_build
 from kwta_jax.ops import resolve_impl, topk_threshold_keys
 from kwta_jax.rank_keys import rank_keys
 
@@ -429,16 +430,19 @@ def test_a_truncated_cached_library_is_rebuilt(tmp_path, fake_cxx):
     record does not match, so the build replaces it (issue 21, item 11)."""
     cache = tmp_path / "cache"
     path = build_library(fake_cxx, cache)
-    assert kwta_cpu.library_problem(path) is None
+    assert lazy_build.library_problem(path) is None
     good = path.read_bytes()
+    assert lazy_build.sidecar_path(path).read_text().split()[0] == str(len(good))
     path.write_bytes(good[: len(good) // 3])
-    assert "truncated or damaged" in kwta_cpu.library_problem(path)
+    assert "truncated or damaged" in lazy_build.library_problem(path)
+    with pytest.raises(lazy_build.BuildError, match="not loading .*truncated or damaged"):
+        lazy_build.load_library(path)
     assert build_library(fake_cxx, cache) == path
-    assert path.read_bytes() == good and kwta_cpu.library_problem(path) is None
-    kwta_cpu.sidecar_path(path).unlink()  # a library without its record is not trusted either
-    assert "missing" in kwta_cpu.library_problem(path)
+    assert path.read_bytes() == good and lazy_build.library_problem(path) is None
+    lazy_build.sidecar_path(path).unlink()  # a library without its record is not trusted either
+    assert "missing" in lazy_build.library_problem(path)
     build_library(fake_cxx, cache)
-    assert kwta_cpu.library_problem(path) is None
+    assert lazy_build.library_problem(path) is None
 
 
 @needs_kernel
@@ -480,7 +484,7 @@ def test_a_new_process_survives_a_truncated_cache(tmp_path, fake_cxx):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[0] == "None [[0.0, 0.0, 0.0, 0.0, 4.0, 5.0]]"
-    assert kwta_cpu.library_problem(path) is None
+    assert lazy_build.library_problem(path) is None
 
 
 def test_no_home_directory_falls_back_to_select(monkeypatch):
@@ -492,7 +496,7 @@ def test_no_home_directory_falls_back_to_select(monkeypatch):
     def no_home():
         raise RuntimeError("Could not determine home directory.")
 
-    monkeypatch.setattr(kwta_cpu.Path, "home", staticmethod(no_home))
+    monkeypatch.setattr(pathlib.Path, "home", staticmethod(no_home))
     monkeypatch.setattr(kwta_cpu, "_state", {})
     assert cpu_kernel_available() is False
     assert "KWTA_JAX_CACHE_DIR" in cpu_kernel_status()
@@ -505,7 +509,7 @@ def test_no_home_directory_falls_back_to_select(monkeypatch):
 def test_built_library_is_readable_by_other_users(tmp_path, fake_cxx):
     path = build_library(fake_cxx, tmp_path / "cache")
     assert path.stat().st_mode & 0o755 == 0o755
-    assert kwta_cpu.sidecar_path(path).stat().st_mode & 0o644 == 0o644
+    assert lazy_build.sidecar_path(path).stat().st_mode & 0o644 == 0o644
 
 
 @needs_kernel
@@ -513,12 +517,16 @@ def test_stale_temporaries_of_killed_builds_are_removed(tmp_path, fake_cxx):
     cache = tmp_path / "cache"
     cache.mkdir()
     final = kwta_cpu.library_path(fake_cxx, cache)
-    stale = cache / f"{final.stem}.killed.tmp"
-    fresh = cache / f"{final.stem}.running.tmp"
-    stale.write_bytes(b"")
-    fresh.write_bytes(b"")
-    old = time.time() - 2 * kwta_cpu._STALE_TMP_S
-    os.utime(stale, (old, old))
+    stale = cache / f"{final.name}.killed.tmp"
+    stale_other_key = cache / "kwta_cpu-0123456789abcdef0123.so.killed.tmp"  # an older source
+    fresh = cache / f"{final.name}.running.tmp"
+    others = cache / "kwta_cuda-0123456789abcdef0123.so.killed.tmp"  # not this stem's
+    old = time.time() - 2 * lazy_build._STALE_TMP_S
+    for tmp in (stale, stale_other_key, fresh, others):
+        tmp.write_bytes(b"")
+        if tmp is not fresh:
+            os.utime(tmp, (old, old))
     build_library(fake_cxx, cache)
-    assert not stale.exists()  # a build killed long ago
+    assert not stale.exists() and not stale_other_key.exists()  # builds killed long ago
     assert fresh.exists()  # may belong to a build still running
+    assert others.exists()  # the CUDA build cleans up after its own

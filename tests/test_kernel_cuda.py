@@ -284,7 +284,7 @@ def test_nvcc_search_order(monkeypatch, tmp_path):
 def test_nvcc_builds_for_sm_90_and_the_call_lowers_for_cuda(tmp_path, monkeypatch):
     monkeypatch.setenv("KWTA_JAX_CACHE_DIR", str(tmp_path))
     path = kwta_cuda.build_library(arch="90")
-    assert lazy_build.digest_ok(path) and path.parent == tmp_path
+    assert lazy_build.library_problem(path) is None and path.parent == tmp_path
     assert kwta_cuda.build_library(arch="90") == path  # cached: same content, same file
     kwta_cuda._register(path)  # loads without a GPU (static CUDA runtime)
     monkeypatch.setattr(kwta_cuda, "_ensure_registered", lambda: None)  # as on a CUDA GPU
@@ -320,10 +320,13 @@ def test_the_build_cache_is_content_keyed_validated_and_atomic(tmp_path):
     b = lazy_build.cached_library("demo", [b"source", b"flags"], build, tmp_path / "b")
     assert a.name == b.name  # the name depends on the inputs, not on where the cache is
     assert a.name != lazy_build.cached_library("demo", [b"source2"], build, tmp_path / "a").name
+    assert lazy_build.sidecar_path(a).read_text().split()[0] == "800"  # size and SHA-256
     a.write_bytes(a.read_bytes()[:10])  # truncated (a killed copy, a full disk): rebuilt
-    assert not lazy_build.digest_ok(a)
+    assert "truncated or damaged" in lazy_build.library_problem(a)
+    with pytest.raises(lazy_build.BuildError, match="not loading"):
+        lazy_build.load_library(a)
     assert lazy_build.cached_library("demo", [b"source", b"flags"], build, tmp_path / "a") == a
-    assert lazy_build.digest_ok(a) and len(builds) == 4
+    assert lazy_build.library_problem(a) is None and len(builds) == 4
 
     def failing(out):
         out.write_bytes(b"half")
@@ -332,6 +335,10 @@ def test_the_build_cache_is_content_keyed_validated_and_atomic(tmp_path):
     with pytest.raises(lazy_build.BuildError, match="the compiler failed"):
         lazy_build.cached_library("demo", [b"other"], failing, tmp_path / "c")
     assert [p.name for p in (tmp_path / "c").iterdir()] == []  # no partial file left
+    a.write_bytes(b"damaged")  # a bad cached library whose rebuild fails: both reasons
+    with pytest.raises(lazy_build.BuildError, match="(?s)the compiler failed.*truncated or dam"):
+        lazy_build.cached_library("demo", [b"source", b"flags"], failing, tmp_path / "a")
+    assert a.read_bytes() == b"damaged"  # left alone, and never loaded (above)
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(lazy_build.BuildError, match="cannot write to the cache directory"):
