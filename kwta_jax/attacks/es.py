@@ -107,10 +107,11 @@ def bucket_sizes(batch: int, smallest: int = 1) -> tuple[int, ...]:
 
 
 def _running_gradient(sums, x, y, key, mask, pairs, sizes, block_for):
-    """The antithetic gradient estimate, ``pairs`` pairs (traced), of the examples where
-    ``mask``, gathered and padded to the smallest fitting size of ``sizes``; ``[B, ...]``, zero
-    where not ``mask``. ``sums(x, y, key, block, n_blocks)`` is `gradients.antithetic_sums`;
-    ``block_for(size)`` the pairs per block at a size (a divisor of every level's pairs)."""
+    """The antithetic sum over ``pairs`` pairs (traced) of the examples where ``mask``, gathered
+    and padded to the smallest fitting size of ``sizes``: ``[B, ...]``, zero where not ``mask``
+    (unnormalised: a step only uses its direction). ``sums(x, y, key, block, n_blocks)`` is
+    `gradients.antithetic_sums`; ``block_for(size)`` the pairs per block at a size (a divisor
+    of every level's pairs)."""
     count = jnp.sum(mask)
     order = jnp.argsort(~mask, stable=True)  # the masked examples first, in batch order
 
