@@ -146,7 +146,31 @@ def es_trace(
     random_start: bool = False,
     smallest_bucket: int = 1,
 ) -> tuple[jax.Array, ESTrace]:
-    """`es` and its per-example account (`ESTrace`); the arguments are `es`'s."""
+    """Signed PGD with an antithetic Gaussian estimate of the smoothed model's gradient, the
+    sample count ramped per example when it stalls (module docstring).
+
+    Args:
+      logits_fn: ``[B, ...] float32 -> [B, classes]``, only ever called forward.
+      x: ``[B, H, W, C]`` float32 in [0, 1]. y: ``[B]`` int labels. key: PRNG key.
+      eps: radius of the ``norm`` ball (``"linf"``: sign steps; ``"l2"``: normalised steps).
+      schedule: static ``((pairs, patience), ...)`` levels (`check_schedule`; `ES_SCHEDULE`
+        is the literature's ramp).
+      steps: iterations (each example moves at most this many times).
+      step_size: default ``eps / 3``.
+      sigma: smoothing scale, default ``eps``.
+      block_size: at most this many (pair, example) evaluations per forward batch (unless one
+        pair of a bucket is more): peak memory ~ ``2 * max(block_size, B)`` inputs and their
+        activations.
+      loss: maximised loss, default the margin ``max_{j != y} z_j - z_y``.
+      random_start: start uniformly in the ball instead of at ``x``.
+      smallest_bucket: the smallest padded size a level's running examples are computed at
+        (`bucket_sizes`; each size compiles its own forward pass).
+
+    Returns:
+      ``(x_adv, trace)``: ``x_adv`` like ``x``, inside the eps-ball ∩ [0, 1] (an example's
+      first misclassified iterate, where it is frozen, else its iterate of largest margin);
+      ``trace`` the per-example account, `ESTrace`.
+    """
     check_norm(norm)
     chex.assert_rank(y, 1)
     chex.assert_equal_shape_prefix((x, y), 1)
@@ -238,54 +262,8 @@ def es(
     key: jax.Array,
     *,
     eps: float,
-    norm: str = "linf",
-    schedule: Sequence[tuple[int, int]] = ES_SCHEDULE,
-    steps: int = 100,
-    step_size: float | None = None,
-    sigma: float | None = None,
-    block_size: int = 4096,
-    loss: str | LossFn = "margin",
-    random_start: bool = False,
-    smallest_bucket: int = 1,
+    **options,
 ) -> jax.Array:
-    """Signed PGD with an antithetic Gaussian estimate of the smoothed model's gradient, the
-    sample count ramped per example when it stalls (module docstring).
-
-    Args:
-      logits_fn: ``[B, ...] float32 -> [B, classes]``, only ever called forward.
-      x: ``[B, H, W, C]`` float32 in [0, 1]. y: ``[B]`` int labels. key: PRNG key.
-      eps: radius of the ``norm`` ball (``"linf"``: sign steps; ``"l2"``: normalised steps).
-      schedule: static ``((pairs, patience), ...)`` levels (`check_schedule`; `ES_SCHEDULE`
-        is the literature's ramp).
-      steps: iterations (each example moves at most this many times).
-      step_size: default ``eps / 3``.
-      sigma: smoothing scale, default ``eps``.
-      block_size: at most this many (pair, example) evaluations per forward batch (unless one
-        pair of a bucket is more): peak memory ~ ``2 * max(block_size, B)`` inputs and their
-        activations.
-      loss: maximised loss, default the margin ``max_{j != y} z_j - z_y``.
-      random_start: start uniformly in the ball instead of at ``x``.
-      smallest_bucket: the smallest padded size a level's running examples are computed at
-        (`bucket_sizes`; each size compiles its own forward pass).
-
-    Returns:
-      ``x_adv`` like ``x``, inside the eps-ball ∩ [0, 1]: an example's first misclassified
-      iterate (it is frozen there), else its iterate of largest margin.
-    """
-    x_adv, _ = es_trace(
-        logits_fn,
-        x,
-        y,
-        key,
-        eps=eps,
-        norm=norm,
-        schedule=schedule,
-        steps=steps,
-        step_size=step_size,
-        sigma=sigma,
-        block_size=block_size,
-        loss=loss,
-        random_start=random_start,
-        smallest_bucket=smallest_bucket,
-    )
-    return x_adv
+    """`es_trace` without the account: ``x_adv`` like ``x``, inside the eps-ball ∩ [0, 1].
+    ``options``: `es_trace`'s (``norm``, ``schedule``, ``steps``, ...)."""
+    return es_trace(logits_fn, x, y, key, eps=eps, **options)[0]
