@@ -12,9 +12,9 @@ always judges success on the true model, whatever model or estimate it takes gra
   which smooths a discontinuous loss surface.
 * `finite_differences` — gradient-free estimate from antithetic Gaussian queries (NES; the
   estimator Tramer et al. 2020 used against k-WTA). Only forward passes of the model.
-* `finite_differences_blocked` — the same estimate with memory bounded by a block of pairs (a
-  ``lax.scan`` accumulates the sum) and one noise draw per pair shared by the batch, for the
-  thousands of pairs the `es` attack uses.
+* `finite_differences_blocked` — the same estimate for thousands of pairs: `antithetic_sums`
+  evaluates them in blocks (memory bounded, a loop accumulates the sum) with one noise draw per
+  pair shared by the batch; `es` calls `antithetic_sums` on the examples it still attacks.
 """
 
 from __future__ import annotations
