@@ -164,7 +164,7 @@ def _attack_table(norm: str, b: dict) -> dict[str, AttackSpec]:
                      n_target_classes=b["n_target_classes"]),
                    min_norm=True, description="targeted FAB minimum-norm attack (AutoAttack)"),
         AttackSpec("es", "gradient-free",
-                   p(attacks.es, schedule=b["es_schedule"], norm=norm),
+                   p(attacks.es, schedule=attacks.check_es_schedule(b["es_schedule"]), norm=norm),
                    description="signed PGD on the smoothed margin, antithetic Gaussian "
                    "gradients (Tramer et al. 2020)"),
     ]  # fmt: skip

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_attacks_adaptive import EPS, masked_model, toy_data
 
-from kwta_jax import attacks
+from kwta_jax import attacks, suites
 from kwta_jax.attacks import gradients, projections
 from kwta_jax.attacks.es import bucket_sizes, es_trace
 
@@ -242,5 +242,10 @@ def test_bad_schedules_raise():
             attacks.es(f, x, y, key, eps=0.1, schedule=bad)
     with pytest.raises(ValueError, match="steps"):
         attacks.es(f, x, y, key, eps=0.1, steps=0)
+    # A suite refuses a bad schedule when it is built, not when `es` first runs.
+    with pytest.raises(ValueError, match="schedule"):
+        suites.build_suite(["es"], budget={"es_schedule": ((100, 0),)})
+    built = suites.build_suite(["es"], budget={"es_schedule": [[100, 5], [2000, 5]]})  # JSON
+    assert built[0].fn.keywords["schedule"] == ((100, 5), (2000, 5))
     with pytest.raises(ValueError, match="norm"):
         attacks.es(f, x, y, key, eps=0.1, norm="l1")

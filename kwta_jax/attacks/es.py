@@ -53,7 +53,7 @@ __all__ = [
     "ES_SCHEDULE_CPU",
     "ESTrace",
     "bucket_sizes",
-    "check_schedule",
+    "check_es_schedule",
     "es",
     "es_trace",
 ]
@@ -81,7 +81,7 @@ class ESTrace(NamedTuple):
     broken: jax.Array
 
 
-def check_schedule(schedule: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+def check_es_schedule(schedule: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
     """The schedule as a tuple of ``(pairs >= 1, patience >= 1)`` levels, or a ValueError."""
     try:
         levels = tuple((int(pairs), int(patience)) for pairs, patience in schedule)
@@ -153,7 +153,7 @@ def es_trace(
       logits_fn: ``[B, ...] float32 -> [B, classes]``, only ever called forward.
       x: ``[B, H, W, C]`` float32 in [0, 1]. y: ``[B]`` int labels. key: PRNG key.
       eps: radius of the ``norm`` ball (``"linf"``: sign steps; ``"l2"``: normalised steps).
-      schedule: static ``((pairs, patience), ...)`` levels (`check_schedule`; `ES_SCHEDULE`
+      schedule: static ``((pairs, patience), ...)`` levels (`check_es_schedule`; `ES_SCHEDULE`
         is the literature's ramp).
       steps: iterations (each example moves at most this many times).
       step_size: default ``eps / 3``.
@@ -174,7 +174,7 @@ def es_trace(
     check_norm(norm)
     chex.assert_rank(y, 1)
     chex.assert_equal_shape_prefix((x, y), 1)
-    levels = check_schedule(schedule)
+    levels = check_es_schedule(schedule)
     if steps < 1 or block_size < 1 or smallest_bucket < 1:
         raise ValueError(
             "es: need steps >= 1, block_size >= 1, smallest_bucket >= 1; got "
