@@ -42,28 +42,29 @@ __all__ = [
 # "default" is sized for the cascade: strong's APGD stages (costly only on the few examples
 # the cascade leaves them), cheaper PGD, EOT, finite differences and Square; FAB-T and `es`
 # are left to "strong", the paper-grade budget.
-# ``es_schedule``: the (steps, samples) phases of `attacks.es`; "strong" uses a CPU-sized ramp
-# (`ES_SCHEDULE_CPU`), `ES_SCHEDULE` (the literature's 100 -> 1,000 -> 20,000 samples) is for GPUs.
+# ``es_schedule``: the (antithetic pairs, patience) levels of `attacks.es`'s stall-triggered
+# ramp; "strong" uses `attacks.ES_SCHEDULE_CPU`, `attacks.ES_SCHEDULE` (the literature's
+# 100 -> 1,000 -> 20,000) is for accelerators (`attack.py --es-full`).
 # ``fmn_step_scales``: one FMN run per initial step `FMN_ALPHA_INIT[norm] * scale`, the smallest
 # adversarial kept; ``square_restarts``, ``apgd_t_restarts``: independent runs. On k-WTA's
 # discontinuous landscape which images an attack breaks depends on its trajectory, so strong
 # runs several (docs/attacks.md, "Against the peer libraries").
-ES_SCHEDULE_CPU: tuple[tuple[int, int], ...] = ((50, 20), (20, 200))
+ES_SCHEDULE_CPU: tuple[tuple[int, int], ...] = attacks.ES_SCHEDULE_CPU
 BUDGETS: dict[str, dict] = {
     "quick": dict(pgd_steps=5, apgd_steps=5, restarts=1, square_queries=50, eot_samples=2,
                   eot_steps=5, fd_samples=4, fd_steps=5, deepfool_steps=5, cw_steps=20,
-                  fmn_steps=10, fab_steps=5, n_target_classes=3, es_schedule=((5, 4),),
+                  fmn_steps=10, fab_steps=5, n_target_classes=3, es_schedule=((4, 2),),
                   fmn_step_scales=(1.0,), square_restarts=1, apgd_t_restarts=1),
     # "fast": 10-step attacks, the full per-attack table of 1,000 images in about a minute
     # (the experiments' budget, `train.py --experiment`); "default" before the cascade.
     "fast": dict(pgd_steps=10, apgd_steps=10, restarts=1, square_queries=100, eot_samples=4,
                  eot_steps=10, fd_samples=8, fd_steps=10, deepfool_steps=10, cw_steps=30,
-                 fmn_steps=50, fab_steps=20, n_target_classes=9, es_schedule=((10, 10),),
+                 fmn_steps=50, fab_steps=20, n_target_classes=9, es_schedule=((10, 3),),
                  fmn_step_scales=(1.0,), square_restarts=1, apgd_t_restarts=1),
     "default": dict(pgd_steps=10, apgd_steps=100, restarts=5, square_queries=2000,
                     eot_samples=4, eot_steps=10, fd_samples=8, fd_steps=10, deepfool_steps=10,
                     cw_steps=30, fmn_steps=200, fab_steps=20, n_target_classes=9,
-                    es_schedule=((10, 10),), fmn_step_scales=(1.0, 0.3, 0.1),
+                    es_schedule=((10, 3),), fmn_step_scales=(1.0, 0.3, 0.1),
                     square_restarts=1, apgd_t_restarts=1),
     "strong": dict(pgd_steps=100, apgd_steps=100, restarts=5, square_queries=5000,
                    eot_samples=32, eot_steps=100, fd_samples=64, fd_steps=100,
@@ -194,7 +195,7 @@ def _attack_table(norm: str, b: dict) -> dict[str, AttackSpec]:
                      n_target_classes=b["n_target_classes"]),
                    min_norm=True, description="targeted FAB minimum-norm attack (AutoAttack)"),
         AttackSpec("es", "gradient-free",
-                   p(attacks.es, schedule=b["es_schedule"], norm=norm),
+                   p(attacks.es, schedule=attacks.check_es_schedule(b["es_schedule"]), norm=norm),
                    description="signed PGD on the smoothed margin, antithetic Gaussian "
                    "gradients (Tramer et al. 2020)"),
     ]  # fmt: skip

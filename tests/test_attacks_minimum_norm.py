@@ -1,5 +1,5 @@
-"""APGD-T, FAB-T, FMN and `es`: exact minimal perturbations of linear classifiers, the threat
-model, determinism, and `es` against a gradient-masked model.
+"""APGD-T, FAB-T and FMN: exact minimal perturbations of linear classifiers, the threat model
+and determinism (`es` is tests/test_es.py's).
 
 On a linear classifier ``z = W^T x + b`` with the box not binding, the smallest perturbation
 that makes class ``j`` beat the label ``y`` is ``(z_y - z_j) / ||w_y - w_j||_dual`` (dual of
@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
-from test_attacks_adaptive import EPS, masked_model, toy_data
 
 from kwta_jax import attacks
-from kwta_jax.attacks import gradients, projections
+from kwta_jax.attacks import projections
 from kwta_jax.attacks.fab import project_onto_hyperplane_in_box
 
 SHAPE = (4, 4, 1)
@@ -300,75 +299,6 @@ def test_min_norm_reports_inf_and_the_eps_form_returns_clean_when_nothing_is_fou
         # What fab_t / fmn return at a radius.
         x_eps = projections.keep_within_eps(x_adv, dist, x, 0.3, "linf")
         np.testing.assert_array_equal(np.asarray(x_eps), np.asarray(x))
-
-
-# --- es: the k-WTA attack of the literature ---------------------------------------------------
-
-
-def test_es_breaks_a_gradient_masked_model_where_pgd_fails():
-    x, y, _ = toy_data(64, seed=2)
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    f = masked_model()  # binarise at 0.5, then template matching: zero input gradient
-    key = jax.random.key(0)
-
-    def accuracy(x_adv):
-        projections.check_threat_model(x_adv, x, EPS, "linf")
-        return float(np.mean(predictions(f, x_adv) == np.asarray(y)))
-
-    assert accuracy(x) == 1.0
-    assert accuracy(attacks.pgd(f, x, y, key, eps=EPS, steps=10)) >= 0.9
-    x_es = jax.jit(
-        functools.partial(attacks.es, f, eps=EPS, schedule=((5, 8), (5, 32)), block_size=16)
-    )(x, y, key)
-    assert accuracy(x_es) <= 0.2
-
-
-def test_es_freezes_misclassified_examples():
-    f, _, x, y = linear_problem(n=8)
-    y = y.at[:4].set((y[:4] + 1) % CLASSES)  # the first four are misclassified from the start
-    x_adv = attacks.es(f, x, y, jax.random.key(0), eps=0.1, schedule=((3, 4),))
-    np.testing.assert_array_equal(np.asarray(x_adv[:4]), np.asarray(x[:4]))
-    assert np.abs(np.asarray(x_adv[4:] - x[4:])).max() > 0  # the others moved
-
-
-def test_blocked_finite_differences_masks_the_last_block_and_averages_exactly():
-    # 7 pairs in blocks of 4: the 8th draw of the second block must get weight 0.
-    f, w, x, y = linear_problem(n=3)
-    sigma, key = 0.05, jax.random.key(5)
-    est = gradients.finite_differences_blocked(
-        f, attacks.margin, samples=7, sigma=sigma, block_size=4
-    )
-    _, g, _ = est(x, y, key)
-    u = jnp.concatenate(
-        [jax.random.normal(jax.random.fold_in(key, j), (4, *x.shape)) for j in (0, 1)]
-    )
-    u = np.asarray(u[:7], np.float64).reshape(7, 3, D)
-    x64, w64 = np.asarray(x, np.float64).reshape(3, D), w.astype(np.float64)
-    b64 = np.asarray(f(jnp.zeros((1, *SHAPE))), np.float64)[0]  # the bias
-
-    def margin(v):  # [..., 3, D] -> [..., 3]
-        z = v @ w64 + b64
-        z_y = np.take_along_axis(
-            z, np.broadcast_to(np.asarray(y)[:, None], z.shape[:-1] + (1,)), -1
-        )
-        others = np.where(np.eye(CLASSES, dtype=bool)[np.asarray(y)], -np.inf, z)
-        return others.max(-1) - z_y[..., 0]
-
-    diff = margin(x64 + sigma * u) - margin(x64 - sigma * u)  # [7, 3]
-    expected = np.einsum("sb,sbd->bd", diff, u) / (2 * sigma * 7)
-    np.testing.assert_allclose(np.asarray(g).reshape(3, D), expected, rtol=1e-4, atol=1e-4)
-
-
-def test_blocked_finite_differences_estimates_a_linear_gradient():
-    f, _, x, y = linear_problem(n=4)
-    exact = jax.grad(lambda v: attacks.margin(f(v), y).sum())(x)
-    est = gradients.finite_differences_blocked(
-        f, attacks.margin, samples=3000, sigma=0.01, block_size=512
-    )
-    _, g, _ = est(x, y, jax.random.key(0))
-    g, exact = np.asarray(g).reshape(4, -1), np.asarray(exact).reshape(4, -1)
-    cosine = np.sum(g * exact, -1) / np.linalg.norm(g, axis=-1) / np.linalg.norm(exact, axis=-1)
-    assert np.all(cosine > 0.95)
 
 
 # --- arguments, import side effects ------------------------------------------------------------

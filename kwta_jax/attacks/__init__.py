@@ -17,7 +17,7 @@ from kwta_jax.attacks.apgd import apgd
 from kwta_jax.attacks.apgd_t import apgd_t
 from kwta_jax.attacks.cw import cw_l2, cw_pgd
 from kwta_jax.attacks.deepfool import deepfool
-from kwta_jax.attacks.es import ES_SCHEDULE, es
+from kwta_jax.attacks.es import ES_SCHEDULE, ES_SCHEDULE_CPU, check_es_schedule, es
 from kwta_jax.attacks.fab import fab_t, fab_t_min_norm
 from kwta_jax.attacks.fgsm import fgm_l2, fgsm
 from kwta_jax.attacks.fmn import fmn, fmn_min_norm
@@ -35,6 +35,7 @@ from kwta_jax.attacks.square import square
 
 __all__ = [
     "ES_SCHEDULE",
+    "ES_SCHEDULE_CPU",
     "LOSSES",
     "NORMS",
     "AttackInvariantError",
@@ -42,6 +43,7 @@ __all__ = [
     "apgd_t",
     "bpda",
     "bpda_apgd",
+    "check_es_schedule",
     "check_threat_model",
     "cw_l2",
     "cw_pgd",

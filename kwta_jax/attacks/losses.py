@@ -40,9 +40,20 @@ def _true_and_best_other(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, ja
 
 
 def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
-    """Softmax cross-entropy ``-log softmax(z)_y``; ``[B, C], [B] -> [B]``."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, y[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    """Softmax cross-entropy ``-log softmax(z)_y``; ``[B, C], [B] -> [B]``.
+
+    Computed as ``softplus(a)``, ``a = logsumexp_{j != y} (z_j - z_y)``: the same quantity
+    without cancellation. Through ``log_softmax`` a confident image (``p_y`` within ~6e-8 of
+    1) rounds ``p_y`` to 1 in float32: the true class's derivative ``-(1 - p_y)`` becomes 0
+    while the others' ``p_j`` do not, and the input gradient's sign flips on many pixels. Here
+    the derivative is ``-sigmoid(a) = -(1 - p_y)`` for ``z_y`` and ``p_j`` for the others,
+    each to float32 relative precision.
+    """
+    logits = logits.astype(jnp.float32)
+    onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=bool)
+    z_y = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    others = jax.nn.logsumexp(logits - z_y[:, None], axis=-1, where=~onehot)
+    return jax.nn.softplus(others)
 
 
 def margin(logits: jax.Array, y: jax.Array) -> jax.Array:
