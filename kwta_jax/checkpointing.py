@@ -67,6 +67,10 @@ CHECKPOINT_DIR = "checkpoints"
 # After a failed read or write, how long `RunCheckpoints.close` lets orbax's abandoned
 # operations finish (and report into the filters) before it removes the filters.
 _SETTLE_SECONDS = 0.1
+# An abandoned write can still create files (and their directories) in a failed step's
+# temporary directory after it was removed, later on a loaded machine: `close` removes it
+# again until it stays gone for one settle period, at most this many times.
+_SETTLE_ROUNDS = 50
 
 
 class CheckpointError(RuntimeError):
@@ -258,14 +262,21 @@ class RunCheckpoints:
             self._remove_partial()
             if self._abandoned:  # a read or write failed: let orbax's abandoned ones report
                 time.sleep(_SETTLE_SECONDS)  # (into the filters) before they are removed
+            for _ in range(_SETTLE_ROUNDS):
+                if not self._remove_partial():
+                    break
+                time.sleep(_SETTLE_SECONDS)
         finally:
             self._quiet.close()
 
-    def _remove_partial(self) -> None:
-        """Removes the temporary directories of the saves that failed."""
+    def _remove_partial(self) -> bool:
+        """Removes the temporary directories of the saves that failed; whether it found any."""
+        found = False
         for step in self._failed:
             for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
+                found = True
+        return found
 
     def __enter__(self):
         return self

@@ -29,14 +29,19 @@ SMALL = ["--max-train", "256", "--max-test", "128", "--batch-size", "64", "--eps
          "--no-progress"]  # fmt: skip
 
 
+def tree_state(path: Path) -> dict[str, str]:
+    """Every file and directory under ``path``, relative name -> mode and SHA-256 of its bytes
+    (compare two with ``==``: pytest then names the entries that differ)."""
+    state = {}
+    for p in sorted(Path(path).rglob("*")):
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "directory"
+        state[str(p.relative_to(path))] = f"{stat.S_IMODE(p.lstat().st_mode):o} {digest}"
+    return state
+
+
 def tree_hash(path: Path) -> str:
     """SHA-256 of every file and directory under ``path``: names, modes and bytes."""
-    h = hashlib.sha256()
-    for p in sorted(Path(path).rglob("*")):
-        h.update(f"{p.relative_to(path)}:{stat.S_IMODE(p.lstat().st_mode):o};".encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
+    return hashlib.sha256(repr(tree_state(path)).encode()).hexdigest()
 
 
 @pytest.fixture

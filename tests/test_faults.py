@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli_errors import SMALL, one_error_line, tree_hash
+from test_cli_errors import SMALL, one_error_line, tree_hash, tree_state
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -246,14 +246,14 @@ def test_a_full_disk_on_resume_is_one_line_and_changes_nothing(run_copy):
     """``ulimit -f 1000`` (1 MB per file; the MLP's parameters are 2.7 MB): the checkpoint of
     epoch 3 cannot be written. One line; config.json still says 2 epochs, the history and the
     checkpoints are as they were, the partial step is gone."""
-    before = tree_hash(run_copy)
+    before = tree_state(run_copy)
     argv = [*SMALL, "--epochs", "3", "--resume", "--out", run_copy]
     proc = patched_cli("train", _FILE_SIZE_LIMIT.format(limit=1_000_000), argv)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr, "train.py")
     assert "cannot write checkpoint 3" in line and "File too large" in line and "intact" in line
     assert len([x for x in proc.stderr.splitlines() if x.strip()]) == 1, proc.stderr[-3000:]
-    assert tree_hash(run_copy) == before
+    assert tree_state(run_copy) == before
 
 
 def test_a_failed_write_keeps_the_previous_checkpoint_and_history(run_copy, monkeypatch, capsys):

@@ -14,7 +14,8 @@ def test_benchmark_help_lists_the_default_shapes(capsys):
         benchmark.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "issue" not in text
-    assert "256x512 256x4096 128x32x32x64 128x16x16x128 32x8x8x512" in text
+    shapes = " ".join("x".join(map(str, s)) for s in benchmark.DEFAULT_SHAPES)
+    assert len(benchmark.DEFAULT_SHAPES) >= 5 and f"(default: {shapes})" in text
 
 
 class _Result:
@@ -35,7 +36,7 @@ class _Result:
 
 
 def test_the_eot_masking_flag_says_eot_uses_the_model_gradient():
-    flags = {f.name: f for f in diagnostics._adaptive_flags(_Result(), ["pgd"], 0.05)}
+    flags = {f.name: f for f in diagnostics._non_gradient_flags(_Result(), ["pgd"], 0.05)}
     eot, transfer = flags["eot_beats_pgd"], flags["transfer_beats_pgd"]
     assert "does not use the model's own gradient" not in eot.explanation
     assert "averages the model's gradient" in eot.explanation
