@@ -85,8 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--es-full",
         action="store_true",
-        help=f"es with the literature's sample schedule {list(ES_SCHEDULE)} (GPU-sized) "
-        f"instead of the budget's ({list(ES_SCHEDULE_CPU)} for strong)",
+        help="es with the literature's sample schedule, levels of (antithetic pairs, "
+        f"stalled steps before the next level) {list(ES_SCHEDULE)} (GPU-sized), instead of "
+        f"the budget's ({list(ES_SCHEDULE_CPU)} for strong)",
     )
     parser.add_argument(
         "--eps", nargs="+", type=float, default=None, help="radii (default: per dataset)"
