@@ -108,15 +108,20 @@ def format_table(res: EvalResult) -> str:
             counts = "".join(f"{broke[e][a]:>9d}" for e in res.eps_values)
             lines.append(f"  {a:<{w - 2}}{'':<15}{counts}")
     med = res.median_min_norm()
+    per = ", ".join(
+        f"{a} {m:.4g}" if (m := res.median_min_norm(a)) is not None
+        else f"{a} ran on {int((~np.isnan(d)).sum())} examples only"
+        for a, d in res.min_norm_dist.items()
+    )  # fmt: skip
     if med is not None:
-        per = ", ".join(
-            f"{a} {m:.4g}" if (m := res.median_min_norm(a)) is not None
-            else f"{a} ran on {int((~np.isnan(d)).sum())} examples only"
-            for a, d in res.min_norm_dist.items()
-        )  # fmt: skip
         lines.append(
             f"median min-norm distance ({res.norm}, over clean-correct examples, inf where "
             f"none found): {med:.4g} (per attack: {per})"
+        )
+    elif res.min_norm_dist:
+        lines.append(
+            "median min-norm distance: none (no minimum-norm attack ran on every "
+            f"clean-correct example: {per})"
         )
     for a, why in res.skipped.items():
         lines.append(f"(skipped {a}: {why})")
@@ -151,14 +156,17 @@ def plot_accuracy_vs_eps(results: Sequence[EvalResult], path) -> None:
     in black."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    # tab20 and a marker per attack: a suite has more attacks than the default 10 colours, and
+    # two attacks must not look alike. Styles are keyed by name over every panel, so an
+    # attack looks the same in each (a panel may skip some, e.g. BPDA on a ReLU model).
+    colours = plt.get_cmap("tab20").colors
+    names = list(dict.fromkeys(a for res in results for a in res.pred))
+    style = {a: (colours[i % len(colours)], "os^vD<>ph*"[i % 10]) for i, a in enumerate(names)}
     for ax, res in zip(axes[0], results, strict=True):
         eps = res.eps_values
-        # tab20 and a marker per attack: a suite has more attacks than the default 10
-        # colours, and two attacks must not look alike.
-        colours = plt.get_cmap("tab20").colors
-        for i, a in enumerate(res.pred):
+        for a in res.pred:
             ax.plot(eps, [100 * res.accuracy(a, e) for e in eps], label=a,
-                    color=colours[i % len(colours)], marker="os^vD<>ph*"[i % 10])  # fmt: skip
+                    color=style[a][0], marker=style[a][1])  # fmt: skip
         ax.plot(eps, [100 * res.worst_accuracy(e) for e in eps], "k--", lw=2.5,
                 marker="s", label="worst case")  # fmt: skip
         ax.set_title(f"{res.name} (clean {100 * res.clean_correct.mean():.1f}%)")

@@ -145,10 +145,17 @@ class EvalResult:
         found counts as ``inf`` (so the median is ``inf`` if that is most of them). ``nan``
         without clean-correct examples; ``None`` without a minimum-norm attack, or for an
         ``attack`` that did not run on every clean-correct example (a late cascade stage: the
-        median of the hardest examples alone would not be the model's)."""
-        d = self.min_distance() if attack is None else self.min_norm_dist[attack]
-        if d is None or np.isnan(d[self.clean_correct]).any():
+        median of the hardest examples alone would not be the model's). The smallest over
+        every attack is ``None`` unless one of them ran on every clean-correct example (in the
+        AutoAttack preset FAB-T is a late stage: no median, rather than ``inf`` for the
+        examples it never saw)."""
+        complete = [
+            a for a, d in self.min_norm_dist.items()
+            if (attack is None or a == attack) and not np.isnan(d[self.clean_correct]).any()
+        ]  # fmt: skip
+        if not complete:
             return None
+        d = self.min_distance() if attack is None else self.min_norm_dist[attack]
         d = np.where(np.isnan(d), np.inf, d)[self.clean_correct]
         return float(np.median(d)) if len(d) else float("nan")
 

@@ -1,5 +1,6 @@
 """Suite runner: worst case <= every attack, chunking does not change results, reporting."""
 
+import dataclasses
 import json
 
 import jax
@@ -201,6 +202,12 @@ def test_cascade_equals_full_table_worst_case(full_and_cascade):
     assert cascade.median_min_norm("fab-t") is None
     assert cascade.to_dict()["attacks"]["fab-t"]["median_min_norm"] is None
     assert cascade.median_min_norm() >= full.median_min_norm()
+    # Without the attack that saw every example (the AutoAttack preset: FAB-T late) there is
+    # no median at all, not ``inf`` for the examples FAB-T never saw.
+    late_only = dataclasses.replace(cascade, min_norm_dist={"fab-t": fab})
+    assert late_only.median_min_norm() is None and late_only.to_dict()["median_min_norm"] is None
+    assert "median min-norm distance: none" in reports.format_table(late_only)
+    assert "inf" not in reports.format_table(late_only).split("median min-norm")[1]
 
 
 def test_min_norm_distance_agrees_with_the_eps_results(full_and_cascade):
