@@ -101,6 +101,22 @@ def _attack_run(
     return res
 
 
+def _without_es_note(results: Sequence[EvalResult], suite: Sequence[AttackSpec]) -> str:
+    """A line for the runs flagged as masked when the suite leaves out `es`, whose worst case
+    is then an upper bound that `es` lowers most (docs/attacks.md, "Measured today"); empty
+    otherwise."""
+    flagged = [r.name for r in results
+               if r.diagnostics and any(f["fired"] for f in r.diagnostics["flags"])]  # fmt: skip
+    if not flagged or "es" in {spec.name for spec in suite}:
+        return ""
+    return (
+        f"\nnote: gradient masking flagged on {', '.join(flagged)}, and this suite leaves out "
+        "es (Tramer et al.'s attack on the smoothed model, the strongest here against masked "
+        "gradients): the worst case above is an upper bound; for a number to publish, run "
+        "the strong budget (attack.py --budget strong)."
+    )
+
+
 def evaluate_run_dirs(
     path,
     *,
@@ -194,6 +210,9 @@ def evaluate_run_dirs(
         res.indices = indices
         results.append(res)
         payload["runs"].append(res.to_dict())
+    note = _without_es_note(results, suite)
+    if note:
+        log(note)
     if not primary:
         return payload
     # Each file whole or not at all (a full disk keeps the old one); the results first.

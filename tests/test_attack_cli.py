@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import attack  # noqa: E402
+from kwta_jax import attack_workflow, suites  # noqa: E402
 from kwta_jax.results import EvalResult  # noqa: E402
 
 
@@ -175,3 +176,21 @@ def test_cli_end_to_end_on_a_real_train_py_run(tmp_path):
     assert "discontinuous_loss" in fired["kwta"], fired
     assert fired["relu"] == [] and diagnosis["relu"]["complete"], diagnosis["relu"]
     assert "gradient masking likely" in res.stdout and "no sign of gradient masking" in res.stdout
+    # This suite has no es: the flagged model's worst case is called an upper bound, once.
+    notes = [line for line in res.stdout.splitlines() if line.startswith("note: gradient masking")]
+    assert len(notes) == 1 and "kwta" in notes[0] and "relu" not in notes[0], notes
+    assert "--budget strong" in notes[0]
+
+
+@pytest.mark.parametrize("with_es", [False, True])
+def test_the_upper_bound_note_names_flagged_runs_only_without_es(with_es):
+    def run(name, fired):
+        return types.SimpleNamespace(name=name, diagnostics={"flags": [{"fired": fired}]})
+
+    names = ["fgsm", "pgd", "es"] if with_es else ["fgsm", "pgd"]
+    suite = suites.resolve_suite(names, norm="linf", budget="quick")
+    note = attack_workflow._without_es_note([run("masked", True), run("plain", False)], suite)
+    assert (note == "") == with_es
+    if not with_es:
+        assert "masked" in note and "plain" not in note and "upper bound" in note
+    assert attack_workflow._without_es_note([run("plain", False)], suite) == ""
