@@ -29,7 +29,7 @@ DUAL = {"linf": 1, "l2": 2}
 def linear_problem(n=48, seed=0):
     """A 5-class linear classifier, inputs where the box never binds at the minimal distance
     (coordinates in [0.35, 0.65], distances below 0.15 L-inf / 0.45 L2), labels = clean
-    predictions."""
+    predictions. Returns ``f, w, b, x, y`` (``f(x) = x.reshape(n, -1) @ w + b``)."""
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(D, CLASSES)).astype(np.float32)
     b = (rng.normal(size=CLASSES) * 0.1).astype(np.float32)
@@ -37,7 +37,7 @@ def linear_problem(n=48, seed=0):
     w_j, b_j = jnp.asarray(w), jnp.asarray(b)
     f = lambda x_: x_.reshape(x_.shape[0], -1) @ w_j + b_j
     y = np.asarray(f(jnp.asarray(x))).argmax(-1).astype(np.int32)
-    return f, w, jnp.asarray(x), jnp.asarray(y)
+    return f, w, b, jnp.asarray(x), jnp.asarray(y)
 
 
 def distances_to_each_class(f, w, x, y, norm):
@@ -118,7 +118,7 @@ def test_hyperplane_projection_in_box_is_the_solvers_minimum(norm):
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fab_t_and_fmn_find_the_closed_form_minimal_perturbation(norm):
-    f, w, x, y = linear_problem()
+    f, w, _, x, y = linear_problem()
     to_class = distances_to_each_class(f, w, x, y, norm)
     closest = to_class.min(-1)
     runner_up = np.where(np.eye(CLASSES, dtype=bool)[np.asarray(y)], -np.inf, f(x)).argmax(-1)
@@ -152,7 +152,7 @@ def test_fab_t_and_fmn_find_the_closed_form_minimal_perturbation(norm):
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_attacks_break_exactly_the_examples_within_eps_on_a_linear_classifier(norm):
-    f, w, x, y = linear_problem(seed=1)
+    f, w, _, x, y = linear_problem(seed=1)
     to_class = distances_to_each_class(f, w, x, y, norm)
     closest = to_class.min(-1)
     runner_up = np.where(np.eye(CLASSES, dtype=bool)[np.asarray(y)], -np.inf, f(x)).argmax(-1)
@@ -280,7 +280,7 @@ def test_results_in_ball_and_box_deterministic_and_jittable(norm):
 
 
 def test_minimum_norm_attacks_leave_misclassified_inputs_alone():
-    f, _, x, y = linear_problem(n=8)
+    f, _, _, x, y = linear_problem(n=8)
     y_wrong = (y + 1) % CLASSES
     for attack in (attacks.fab_t_min_norm, attacks.fmn_min_norm):
         x_adv, dist = attack(f, x, y_wrong, jax.random.key(0), steps=3)
@@ -305,7 +305,7 @@ def test_min_norm_reports_inf_and_the_eps_form_returns_clean_when_nothing_is_fou
 
 
 def test_bad_arguments_raise():
-    f, _, x, y = linear_problem(n=2)
+    f, _, _, x, y = linear_problem(n=2)
     key = jax.random.key(0)
     three = lambda x_: f(x_)[:, :3]
     with pytest.raises(ValueError, match="4 classes"):

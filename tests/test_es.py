@@ -11,26 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_attacks_adaptive import EPS, masked_model, toy_data
+from test_attacks_minimum_norm import CLASSES, SHAPE, D, linear_problem
 
 from kwta_jax import attacks, suites
 from kwta_jax.attacks import gradients, projections
 from kwta_jax.attacks.es import bucket_sizes, es_trace
-
-SHAPE = (4, 4, 1)
-D = int(np.prod(SHAPE))
-CLASSES = 5
-
-
-def linear_problem(n=8, seed=0):
-    """A 5-class linear classifier, inputs in [0.35, 0.65], labels = clean predictions."""
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=(D, CLASSES)).astype(np.float32)
-    b = (rng.normal(size=CLASSES) * 0.1).astype(np.float32)
-    x = rng.uniform(0.35, 0.65, size=(n, *SHAPE)).astype(np.float32)
-    w_j, b_j = jnp.asarray(w), jnp.asarray(b)
-    f = lambda x_: x_.reshape(x_.shape[0], -1) @ w_j + b_j
-    y = np.asarray(f(jnp.asarray(x))).argmax(-1).astype(np.int32)
-    return f, w, b, jnp.asarray(x), jnp.asarray(y)
 
 
 def accuracy(f, x_adv, y):
