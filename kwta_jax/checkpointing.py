@@ -259,10 +259,9 @@ class RunCheckpoints:
     def close(self) -> None:
         try:
             self._manager.close()
-            self._remove_partial()
             if self._abandoned:  # a read or write failed: let orbax's abandoned ones report
                 time.sleep(_SETTLE_SECONDS)  # (into the filters) before they are removed
-            for _ in range(_SETTLE_ROUNDS):
+            for _ in range(_SETTLE_ROUNDS):  # until a failed step's leftovers stay gone
                 if not self._remove_partial():
                     break
                 time.sleep(_SETTLE_SECONDS)
