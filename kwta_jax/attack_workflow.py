@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from kwta_jax import data, diagnostics, reports, robustness, runs, sharding, subsets
+from kwta_jax import data, reports, robustness, runs, sharding, subsets
 from kwta_jax.adapters import Model, from_nnx
 from kwta_jax.atomic import write_json_atomic
 from kwta_jax.evaluation import make_models
@@ -90,10 +90,9 @@ def _attack_run(
     log(reports.format_table(res))
     if diagnose:
         models = make_models(model, source=source, surrogate=surrogate)
-        diagnosis = diagnostics.run_diagnostics(
-            models, res, x, y, suite=suite, batch_size=batch_size,
-            key=jax.random.fold_in(key, len(suite)), progress=progress,
-        )  # fmt: skip
+        diagnosis = robustness.diagnose(
+            models, res, x, y, suite=suite, key=key, batch_size=batch_size, progress=progress
+        )
         res.diagnostics = diagnosis.to_dict()
         log(reports.format_flags(diagnosis, model.name))
     res.extra["wall_seconds"] = time.perf_counter() - t0

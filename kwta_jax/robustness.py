@@ -28,15 +28,15 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from kwta_jax.adapters import Model, as_model
-from kwta_jax.diagnostics import run_diagnostics
+from kwta_jax.adapters import Model, Models, as_model
+from kwta_jax.diagnostics import Diagnosis, run_diagnostics
 from kwta_jax.evaluation import as_eps_values, as_key, make_models, run_suite
 from kwta_jax.preflight import PreflightError, run_preflight
 from kwta_jax.progress import MakeBar
 from kwta_jax.results import EvalResult
 from kwta_jax.suites import AttackSpec, resolve_suite
 
-__all__ = ["PreflightError", "evaluate"]
+__all__ = ["PreflightError", "diagnose", "evaluate"]
 
 
 def _check_bounds(bounds) -> tuple[float, float]:
@@ -64,6 +64,27 @@ def _bars(progress) -> MakeBar | None:
     if progress is True:
         return functools.partial(tqdm, leave=False, dynamic_ncols=True)
     return progress or None
+
+
+def diagnose(
+    models: Models,
+    res: EvalResult,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    suite: Sequence[AttackSpec],
+    key: jax.Array | int,
+    batch_size: int = 250,
+    progress: MakeBar | None = None,
+) -> Diagnosis:
+    """The gradient-masking checks (`kwta_jax.diagnostics.run_diagnostics`) of ``res``, the
+    result of ``suite`` run on ``models`` with ``key``. The checks draw from
+    ``fold_in(key, len(suite))``, a key none of the suite's attacks uses, so they are the
+    same whether `evaluate` runs them or a caller that printed the suite's table first."""
+    return run_diagnostics(
+        models, res, x, y, suite=suite, batch_size=batch_size,
+        key=jax.random.fold_in(as_key(key), len(suite)), progress=progress,
+    )  # fmt: skip
 
 
 def evaluate(
@@ -171,16 +192,10 @@ def evaluate(
     )
     res.preflight = [c.to_dict() for c in checks]
     if diagnostics:
-        diagnosis = run_diagnostics(
-            models,
-            res,
-            x01,
-            y,
-            suite=specs,
-            batch_size=batch_size,
-            key=jax.random.fold_in(key, len(specs)),
+        diagnosis = diagnose(
+            models, res, x01, y, suite=specs, key=key, batch_size=batch_size,
             progress=_bars(progress),
-        )
+        )  # fmt: skip
         res.diagnostics = diagnosis.to_dict()
     if (low, high) != (0.0, 1.0):
         res = res.rescaled(low, high, eps_values)
