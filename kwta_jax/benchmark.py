@@ -12,8 +12,10 @@ When ``import torch`` works, the official PyTorch k-WTA (a554b554/kWTA-Activatio
 it, `official_pytorch_kwta`) runs beside, on as many threads as XLA's CPU pool.
 
 Interleaved: everything is compiled first, then each of ``--rounds`` rounds times every case
-(median of ``--repeats`` calls, each ending in ``block_until_ready``); an entry is the median
-over rounds, so a slow spell of a shared machine hits every column alike. The load average is
+(one untimed call, then the median of ``--repeats`` calls, each ending in
+``block_until_ready``); an entry is the median over rounds, so a slow spell of a shared machine
+hits every column alike. After a PyTorch entry the benchmark waits `TORCH_SETTLE_S` for
+PyTorch's spinning OpenMP threads to sleep, so that they do not slow the next entry. The load average is
 recorded at the start and the end. Prints a table, writes JSON (``--json PATH``).
 """
 
@@ -62,6 +64,9 @@ DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.7)
 # (shape, k): TopK-autoencoder shapes, a few winners in long rows.
 SMALL_K_CASES: tuple[tuple[tuple[int, ...], int], ...] = (((256, 32768), 32), ((64, 131072), 64))
 QUICK_SMALL_K = (((4, 256), 3),)
+# Seconds to wait after a PyTorch entry: libgomp's threads spin-wait for about 5-10 ms after
+# a parallel region before they sleep (measured on the 2-core machine of docs/benchmarks.md).
+TORCH_SETTLE_S = 0.1
 MODES = ("fwd", "grad_sq", "grad_dot", "vjp")
 MODE_TITLES = {"fwd": "fwd", "grad_sq": "grad Σy²", "grad_dot": "grad ⟨y,g⟩", "vjp": "vjp"}
 
@@ -283,8 +288,14 @@ def run_benchmark(
             log(f"compiled {record}")
     for r in range(rounds):
         for record, fn, args in cases:
+            jax.block_until_ready(fn(*args))  # untimed: the entry's buffers and caches settle
             ms = _median_ms(fn, args, repeats)
             record.setdefault("rounds_ms", []).append(ms)
+            if record["impl"] == "torch":
+                # PyTorch's OpenMP threads keep spinning for milliseconds after a call; on a
+                # small machine they would take cores from the next entry (measured: ReLU
+                # 2-6x slower right after a torch call). Let them go to sleep first.
+                time.sleep(TORCH_SETTLE_S)
         if log is not None:
             log(f"round {r + 1}/{rounds} done (load {os.getloadavg()[0]:.2f})")
     records = []
