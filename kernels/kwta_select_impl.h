@@ -190,21 +190,36 @@ KWTA_ATTR void CountGreater(const typename S::W* s, int m, typename S::W* greate
 }
 
 // The a-th largest (1-based) of the m keys s with `greater` counts: the smallest key with fewer
-// than a keys above it.
-template <typename W>
-inline W OrderStat(const W* s, const W* greater, int m, int a) {
-  W v = kOnes<W>;
-  for (int j = 0; j < m; ++j) v = greater[j] < W(a) ? std::min(v, s[j]) : v;
-  return v;
+// than a keys above it. Whole vectors (s and greater padded to them, padding lanes never
+// chosen); the minimum is taken as the maximum of complements, with the lane ops at hand.
+template <class S>
+KWTA_ATTR typename S::W OrderStat(const typename S::W* s, const typename S::W* greater, int m,
+                                  int a) {
+  using W = typename S::W;
+  using V = typename S::V;
+  const V ones = S::Set1(kOnes<W>), va = S::Set1(W(a));
+  V best = S::Set1(0);  // max of ~key over the chosen keys
+  for (int j = 0; j < m; j += S::kLanes) {
+    // Count(ones, chosen) is 0 on chosen lanes and all ones elsewhere.
+    const V keep = S::Count(ones, S::Gt(va, S::Load(greater + j)));
+    best = S::MaxU(best, S::XorV(S::OrV(S::Load(s + j), keep), ones));
+  }
+  return W(~S::MaxLane(best));
 }
 
 template <class S>
 KWTA_ATTR void SmallOrderStats(const typename S::W* s, int m, int a, int b,
                                typename S::W* at_a, typename S::W* at_b) {
-  typename S::W greater[64 + S::kLanes];
+  using W = typename S::W;
+  W padded[64 + S::kLanes], greater[64 + S::kLanes];
   CountGreater<S>(s, m, greater);
-  *at_a = OrderStat(s, greater, m, a);
-  *at_b = OrderStat(s, greater, m, b);
+  for (int j = 0; j < m; ++j) padded[j] = s[j];
+  for (int j = m; j < 64 + S::kLanes; ++j) {
+    padded[j] = kOnes<W>;
+    greater[j] = kOnes<W>;  // never fewer than a keys above
+  }
+  *at_a = OrderStat<S>(padded, greater, m, a);
+  *at_b = b == a ? *at_a : OrderStat<S>(padded, greater, m, b);
 }
 
 // Sample ranks (1-based, from the top) of the bracket around the r-th largest of m keys, for a
