@@ -2,9 +2,12 @@
 //
 // For every row of x (all leading dims are rows, the last dim is the row of n units) it returns
 // the exact k-th largest rank key (kwta_jax/rank_keys.py `rank_keys`: -0 == +0, every NaN ties
-// above +inf, subnormals exact; use_abs clears the sign bit first). It only selects: the op
-// layer (kwta_jax/ops.py) applies y = where(key(x) >= threshold, x, 0) and the derivative as
-// plain XLA, which fuses with the neighbouring ops.
+// above +inf, subnormals exact; use_abs clears the sign bit first). Two handlers:
+//   KwtaCpu         selects only: under differentiation the op layer (kwta_jax/ops.py) applies
+//                   y = where(key(x) >= threshold, x, 0) and the derivative as plain XLA, which
+//                   fuses with the neighbouring ops;
+//   KwtaCpuForward  the undifferentiated forward: also writes y, each row right after its
+//                   selection while the row is still in cache (x is read once, not twice).
 //
 // Method (kwta_select_impl.h): per row, a sample brackets the threshold and one vectorised
 // pass counts the keys above the bracket and compresses the keys inside it; the bracket's keys
@@ -97,35 +100,37 @@ class ParallelFor {
 };
 
 template <typename K, K kInf, bool kAbs>
-void Thresholds(ffi::ThreadPool& pool, int64_t isa, const K* x, K* th, int64_t rows, int64_t n,
-                int64_t k) {
+void Thresholds(ffi::ThreadPool& pool, int64_t isa, const K* x, K* th, K* y, int64_t rows,
+                int64_t n, int64_t k) {
   const int64_t work = rows * n;
   if (work < kMinParallelWork || rows == 1) {
-    SelectRows<K, kInf, kAbs>(isa, x, th, 0, rows, n, k);
+    SelectRows<K, kInf, kAbs>(isa, x, th, y, 0, rows, n, k);
     return;
   }
   // A few chunks per thread (load balance), each of at least kMinChunkWork elements.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
   const int64_t nchunks = std::max<int64_t>(1, std::min({rows, 4 * threads, work / kMinChunkWork}));
   ParallelFor::Run(pool, nchunks, [=](int64_t c) {
-    SelectRows<K, kInf, kAbs>(isa, x, th, rows * c / nchunks, rows * (c + 1) / nchunks, n, k);
+    SelectRows<K, kInf, kAbs>(isa, x, th, y, rows * c / nchunks, rows * (c + 1) / nchunks, n, k);
   });
 }
 
 template <typename K, K kInf>
-void Dispatch(ffi::ThreadPool& pool, int64_t isa, const void* x, void* th, int64_t rows,
+void Dispatch(ffi::ThreadPool& pool, int64_t isa, const void* x, void* th, void* y, int64_t rows,
               int64_t n, int64_t k, bool use_abs) {
   auto* xk = static_cast<const K*>(x);
   auto* tk = static_cast<K*>(th);
+  auto* yk = static_cast<K*>(y);
   if (use_abs) {
-    Thresholds<K, kInf, true>(pool, isa, xk, tk, rows, n, k);
+    Thresholds<K, kInf, true>(pool, isa, xk, tk, yk, rows, n, k);
   } else {
-    Thresholds<K, kInf, false>(pool, isa, xk, tk, rows, n, k);
+    Thresholds<K, kInf, false>(pool, isa, xk, tk, yk, rows, n, k);
   }
 }
 
-ffi::Error KwtaImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> th,
-                    int64_t k, bool use_abs, int64_t isa) {
+// Both handlers: the threshold keys th of x's rows and, when y is given, the k-WTA output.
+ffi::Error Select(ffi::ThreadPool& pool, ffi::AnyBuffer& x, ffi::AnyBuffer* y, ffi::AnyBuffer& th,
+                  int64_t k, bool use_abs, int64_t isa) {
   const auto dims = x.dimensions();
   if (dims.size() < 1) {
     return ffi::Error::InvalidArgument("kwta_cpu: x must have rank >= 1 ([..., n]).");
@@ -146,27 +151,32 @@ ffi::Error KwtaImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::Any
   if (n > int64_t(std::numeric_limits<int32_t>::max())) {
     return ffi::Error::InvalidArgument("kwta_cpu: rows longer than 2^31 - 1 are not supported.");
   }
-  if (int64_t(th->element_count()) != rows) {
+  if (int64_t(th.element_count()) != rows) {
     return ffi::Error::InvalidArgument("kwta_cpu: threshold_key must have one entry per row.");
   }
+  if (y != nullptr &&
+      (y->element_type() != x.element_type() || y->element_count() != x.element_count())) {
+    return ffi::Error::InvalidArgument("kwta_cpu: y must have x's dtype and size.");
+  }
   const void* xp = x.untyped_data();
-  void* tp = th->untyped_data();
+  void* tp = th.untyped_data();
+  void* yp = y == nullptr ? nullptr : y->untyped_data();
   switch (x.element_type()) {
     case ffi::DataType::F32:
-      if (th->element_type() != ffi::DataType::U32) break;
-      Dispatch<uint32_t, 0x7f800000u>(pool, isa, xp, tp, rows, n, k, use_abs);
+      if (th.element_type() != ffi::DataType::U32) break;
+      Dispatch<uint32_t, 0x7f800000u>(pool, isa, xp, tp, yp, rows, n, k, use_abs);
       return ffi::Error::Success();
     case ffi::DataType::BF16:
-      if (th->element_type() != ffi::DataType::U16) break;
-      Dispatch<uint16_t, 0x7f80u>(pool, isa, xp, tp, rows, n, k, use_abs);
+      if (th.element_type() != ffi::DataType::U16) break;
+      Dispatch<uint16_t, 0x7f80u>(pool, isa, xp, tp, yp, rows, n, k, use_abs);
       return ffi::Error::Success();
     case ffi::DataType::F16:
-      if (th->element_type() != ffi::DataType::U16) break;
-      Dispatch<uint16_t, 0x7c00u>(pool, isa, xp, tp, rows, n, k, use_abs);
+      if (th.element_type() != ffi::DataType::U16) break;
+      Dispatch<uint16_t, 0x7c00u>(pool, isa, xp, tp, yp, rows, n, k, use_abs);
       return ffi::Error::Success();
     case ffi::DataType::F64:
-      if (th->element_type() != ffi::DataType::U64) break;
-      Dispatch<uint64_t, 0x7ff0000000000000ull>(pool, isa, xp, tp, rows, n, k, use_abs);
+      if (th.element_type() != ffi::DataType::U64) break;
+      Dispatch<uint64_t, 0x7ff0000000000000ull>(pool, isa, xp, tp, yp, rows, n, k, use_abs);
       return ffi::Error::Success();
     default:
       return ffi::Error::InvalidArgument(
@@ -174,6 +184,16 @@ ffi::Error KwtaImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::Any
   }
   return ffi::Error::InvalidArgument(
       "kwta_cpu: threshold_key must be the unsigned type of x's width.");
+}
+
+ffi::Error KwtaImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> th,
+                    int64_t k, bool use_abs, int64_t isa) {
+  return Select(pool, x, nullptr, *th, k, use_abs, isa);
+}
+
+ffi::Error KwtaForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                           ffi::Result<ffi::AnyBuffer> th, int64_t k, bool use_abs, int64_t isa) {
+  return Select(pool, x, &*y, *th, k, use_abs, isa);
 }
 
 }  // namespace
@@ -188,6 +208,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KwtaCpu, KwtaImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x [..., n]
+                                  .Ret<ffi::AnyBuffer>()  // threshold_key [...] unsigned
+                                  .Attr<int64_t>("k")
+                                  .Attr<bool>("use_abs")
+                                  .Attr<int64_t>("isa"));
+
+// The forward without differentiation: y, written row by row while the row is still in cache
+// from its selection (one read of x instead of two), and the threshold keys.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KwtaCpuForward, KwtaForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x [..., n]
+                                  .Ret<ffi::AnyBuffer>()  // y [..., n], x's dtype
                                   .Ret<ffi::AnyBuffer>()  // threshold_key [...] unsigned
                                   .Attr<int64_t>("k")
                                   .Attr<bool>("use_abs")

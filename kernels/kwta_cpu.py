@@ -1,8 +1,10 @@
 """Exact k-WTA thresholds on CPU through XLA FFI: the ``"cpu"`` selector.
 
-The kernel (``kwta_cpu.cc`` and the headers next to it) only *selects*: it reads each row and
-returns its exact k-th largest rank key. The op layer (`kwta_jax.ops`) applies the threshold
-and differentiates it in plain XLA, which fuses with the neighbouring ops. It is plain C++17
+The kernel (``kwta_cpu.cc`` and the headers next to it) *selects*: it reads each row and
+returns its exact k-th largest rank key (`cpu_threshold_keys`). Under differentiation the op
+layer (`kwta_jax.ops`) applies the threshold and differentiates it in plain XLA, which fuses
+with the neighbouring ops; the plain forward is `cpu_forward`, which also writes each row's
+output while the row is still in cache from its selection. It is plain C++17
 against the XLA FFI headers that ship with jaxlib, so there is no build step at install time: it
 is compiled **lazily at first use** with the system C++ compiler and cached. One build holds a
 portable, an AVX2 and an AVX-512 version of the selection; the best one the CPU supports is
@@ -57,6 +59,7 @@ __all__ = [
     "build_library",
     "cpu_kernel_available",
     "cpu_kernel_isa",
+    "cpu_forward",
     "cpu_kernel_status",
     "cpu_threshold_keys",
 ]
@@ -72,6 +75,7 @@ FLAGS: tuple[str, ...] = ("-O3", "-shared", "-fPIC", "-std=c++17")
 # Instruction sets of the selection, in the kernel's order (its `isa` attribute).
 ISAS: tuple[str, ...] = ("portable", "avx2", "avx512")
 TARGET_NAME = "kwta_jax_kwta_cpu"
+FORWARD_TARGET_NAME = "kwta_jax_kwta_cpu_forward"
 STEM = "kwta_cpu"  # cache file names: kwta_cpu-<hash>.so
 SUPPORTED_DTYPES = tuple(np.dtype(d) for d in (np.float16, jnp.bfloat16, np.float32, np.float64))
 
@@ -177,12 +181,16 @@ def build_library(cxx: list[str] | None = None, directory: Path | None = None) -
         raise CpuKernelUnavailable(f"kwta_cpu: {e}") from e
 
 
-def _load_kernel() -> tuple[ctypes.CDLL, object, object]:
-    """Builds (if needed) and loads the library, checked against its record just before."""
+def _load_kernel() -> tuple[ctypes.CDLL, dict[str, object], object]:
+    """Builds (if needed) and loads the library, checked against its record just before.
+
+    Returns the library, its FFI handlers by target name, and its ``KwtaCpuBestIsa``.
+    """
     path = build_library()
     try:
         lib = lazy_build.load_library(path)
-        return lib, lib.KwtaCpu, lib.KwtaCpuBestIsa
+        handlers = {TARGET_NAME: lib.KwtaCpu, FORWARD_TARGET_NAME: lib.KwtaCpuForward}
+        return lib, handlers, lib.KwtaCpuBestIsa
     except (lazy_build.BuildError, AttributeError) as e:  # AttributeError: a missing symbol
         raise CpuKernelUnavailable(f"kwta_cpu: {e}") from e
 
@@ -200,9 +208,10 @@ def _ensure_registered() -> None:
             try:
                 if os.environ.get("KWTA_JAX_CPU_KERNEL", "1") == "0":
                     raise CpuKernelUnavailable("kwta_cpu: disabled by KWTA_JAX_CPU_KERNEL=0.")
-                lib, handler, best_isa = _load_kernel()
+                lib, handlers, best_isa = _load_kernel()
                 best_isa.restype = ctypes.c_int64
-                jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(handler), platform="cpu")
+                for name, handler in handlers.items():
+                    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
                 _state["lib"] = lib  # keep the library loaded for the life of the process
                 _state["isa"] = ISAS[best_isa()]
                 _state["error"] = None
@@ -234,6 +243,27 @@ def cpu_kernel_isa() -> str | None:
     return _state.get("isa") if cpu_kernel_available() else None
 
 
+def _checked_call_args(name: str, x2d: jax.Array, k: int, isa: str | None) -> int:
+    """Validates a kernel call's arguments (errors name ``name``); returns the ``isa`` level."""
+    dtype = np.dtype(x2d.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: x must be float16, bfloat16, float32 or float64; got {dtype}.")
+    if x2d.ndim < 1:
+        raise ValueError(f"{name}: x must have rank >= 1; got shape {x2d.shape}.")
+    n = x2d.shape[-1]
+    if not 1 <= k <= n:
+        raise ValueError(f"{name}: k={k} must be in [1, n={n}].")
+    if isa is not None and isa not in ISAS:
+        raise ValueError(f"{name}: isa must be one of {ISAS} or None; got {isa!r}.")
+    _ensure_registered()
+    if isa is not None and ISAS.index(isa) > ISAS.index(_state["isa"]):
+        raise ValueError(
+            f"{name}: isa={isa!r} is not supported by this CPU "
+            f"(it supports up to {_state['isa']!r})."
+        )
+    return -1 if isa is None else ISAS.index(isa)
+
+
 def cpu_threshold_keys(
     x2d: jax.Array, k: int, use_abs: bool = False, *, isa: str | None = None
 ) -> jax.Array:
@@ -260,30 +290,47 @@ def cpu_threshold_keys(
         supported by this CPU. CpuKernelUnavailable: the kernel cannot be built here (use
         ``impl="select"``).
     """
-    dtype = np.dtype(x2d.dtype)
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"cpu_threshold_keys: x must be float16, bfloat16, float32 or float64; got {dtype}."
-        )
-    if x2d.ndim < 1:
-        raise ValueError(f"cpu_threshold_keys: x must have rank >= 1; got shape {x2d.shape}.")
-    n = x2d.shape[-1]
-    if not 1 <= k <= n:
-        raise ValueError(f"cpu_threshold_keys: k={k} must be in [1, n={n}].")
-    if isa is not None and isa not in ISAS:
-        raise ValueError(f"cpu_threshold_keys: isa must be one of {ISAS} or None; got {isa!r}.")
-    _ensure_registered()
-    if isa is not None and ISAS.index(isa) > ISAS.index(_state["isa"]):
-        raise ValueError(
-            f"cpu_threshold_keys: isa={isa!r} is not supported by this CPU "
-            f"(it supports up to {_state['isa']!r})."
-        )
+    level = _checked_call_args("cpu_threshold_keys", x2d, k, isa)
     call = jax.ffi.ffi_call(
         TARGET_NAME,
-        jax.ShapeDtypeStruct(x2d.shape[:-1], key_dtype(dtype)),
+        jax.ShapeDtypeStruct(x2d.shape[:-1], key_dtype(np.dtype(x2d.dtype))),
         # The handler treats every leading dim as a row, so a vmapped call is one call on the
         # stacked input (no loop).
         vmap_method="broadcast_all",
     )
-    level = -1 if isa is None else ISAS.index(isa)
+    return call(x2d, k=np.int64(k), use_abs=bool(use_abs), isa=np.int64(level))
+
+
+def cpu_forward(
+    x2d: jax.Array, k: int, use_abs: bool = False, *, isa: str | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The k-WTA forward of every row in one kernel call: ``(y, threshold_key)``.
+
+    The op layer's fused forward for ``impl="cpu"`` (`kwta_jax.ops.FUSED_FORWARD`): used when
+    ``kwta`` is not differentiated. Each row is written right after its selection, while it is
+    still in cache, so ``x`` is read once instead of twice (`cpu_threshold_keys` followed by the
+    XLA apply reads it again). No derivative rule: under differentiation the op uses the
+    selector and `kwta_jax.rank_keys.apply_threshold`.
+
+    Args:
+      x2d, k, use_abs, isa: as for `cpu_threshold_keys`.
+
+    Returns:
+      ``y`` of ``x2d``'s shape and dtype, equal bit for bit to
+      ``apply_threshold(x2d, threshold_key, use_abs)[0]`` (``x`` where its rank key is at
+      least the row's threshold, ``+0`` elsewhere); and ``threshold_key`` as
+      `cpu_threshold_keys` returns it.
+
+    Raises:
+      As `cpu_threshold_keys`.
+    """
+    level = _checked_call_args("cpu_forward", x2d, k, isa)
+    call = jax.ffi.ffi_call(
+        FORWARD_TARGET_NAME,
+        (
+            jax.ShapeDtypeStruct(x2d.shape, x2d.dtype),
+            jax.ShapeDtypeStruct(x2d.shape[:-1], key_dtype(np.dtype(x2d.dtype))),
+        ),
+        vmap_method="broadcast_all",
+    )
     return call(x2d, k=np.int64(k), use_abs=bool(use_abs), isa=np.int64(level))

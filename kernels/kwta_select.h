@@ -95,14 +95,16 @@ inline int64_t BestIsa() {
   return kPortable;
 }
 
-// Thresholds of rows [r0, r1) of x [rows, n] with instruction set isa (<= BestIsa()).
+// Thresholds of rows [r0, r1) of x [rows, n] (and their k-WTA output when y is not null) with
+// instruction set isa (<= BestIsa()).
 template <typename K, K kInf, bool kAbs>
-inline void SelectRows(int64_t isa, const K* x, K* th, int64_t r0, int64_t r1, int64_t n, int64_t k) {
+inline void SelectRows(int64_t isa, const K* x, K* th, K* y, int64_t r0, int64_t r1, int64_t n,
+                       int64_t k) {
 #if defined(KWTA_X86)
-  if (isa >= kAvx512) return avx512::SelectRows<K, kInf, kAbs>(x, th, r0, r1, n, k);
-  if (isa >= kAvx2) return avx2::SelectRows<K, kInf, kAbs>(x, th, r0, r1, n, k);
+  if (isa >= kAvx512) return avx512::SelectRows<K, kInf, kAbs>(x, th, y, r0, r1, n, k);
+  if (isa >= kAvx2) return avx2::SelectRows<K, kInf, kAbs>(x, th, y, r0, r1, n, k);
 #endif
-  portable::SelectRows<K, kInf, kAbs>(x, th, r0, r1, n, k);
+  portable::SelectRows<K, kInf, kAbs>(x, th, y, r0, r1, n, k);
 }
 
 }  // namespace kwta

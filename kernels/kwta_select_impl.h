@@ -424,14 +424,25 @@ KWTA_ATTR K SelectRow(const K* x, int64_t n, int64_t k, const RowPlan& plan,
   return K(RadixSelect<S>(a, b, m, r - count, W(0), W(lo - 1)));
 }
 
-// Rows [r0, r1) of x [rows, n] -> their threshold keys th[r0, r1).
+// The k-WTA output of the row x[0, n) with threshold key t: x's own bits where its rank key is
+// >= t, +0 elsewhere (kwta_jax/rank_keys.py `apply_threshold`, bit for bit). Written while the
+// row is still in cache from its selection (the compiler vectorises this loop).
 template <typename K, K kInf, bool kAbs>
-KWTA_ATTR void SelectRows(const K* x, K* th, int64_t r0, int64_t r1, int64_t n, int64_t k) {
+KWTA_ATTR void ApplyRow(const K* x, int64_t n, K t, K* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = RankKey<K, kInf, kAbs>(x[i]) >= t ? x[i] : K(0);
+}
+
+// Rows [r0, r1) of x [rows, n] -> their threshold keys th[r0, r1), and, when y is not null,
+// their k-WTA output y[r0 * n, r1 * n).
+template <typename K, K kInf, bool kAbs>
+KWTA_ATTR void SelectRows(const K* x, K* th, K* y, int64_t r0, int64_t r1, int64_t n,
+                          int64_t k) {
   using W = typename LaneOps<K>::W;
   Scratch<W>& s = ThreadScratch<W>(n + 64);
   const RowPlan plan = PlanRows<LaneOps<K>>(n, k);
   for (int64_t r = r0; r < r1; ++r) {
     th[r] = SelectRow<K, kInf, kAbs>(x + r * n, n, k, plan, s.a.data(), s.b.data());
+    if (y != nullptr) ApplyRow<K, kInf, kAbs>(x + r * n, n, th[r], y + r * n);
   }
 }
 

@@ -24,6 +24,7 @@ from kwta_jax.kernels.kwta_cpu import (
     ISAS,
     CpuKernelUnavailable,
     build_library,
+    cpu_forward,
     cpu_kernel_available,
     cpu_kernel_isa,
     cpu_kernel_status,
@@ -55,12 +56,17 @@ SUBNORMALS[np.dtype(np.float16)] = 1e-6
 
 
 def assert_matches(x: np.ndarray, k: int, use_abs: bool, isa: str | None = None) -> None:
-    """The kernel's threshold keys equal the NumPy reference's (each row's k-th largest key)."""
+    """The kernel's threshold keys equal the NumPy reference's (each row's k-th largest key),
+    and its fused forward returns the same keys and the reference's output, bit for bit."""
     with jax.enable_x64(x.dtype == np.float64):
         th = np.asarray(cpu_threshold_keys(jnp.asarray(x), k, use_abs, isa=isa))
+        y, fused_th = (np.asarray(a) for a in cpu_forward(jnp.asarray(x), k, use_abs, isa=isa))
     want = numpy_threshold_keys(x, k, use_abs)
     assert th.dtype == want.dtype and th.shape == want.shape == x.shape[:-1]
     np.testing.assert_array_equal(th, want)
+    np.testing.assert_array_equal(fused_th, want)
+    mask = numpy_rank_keys(x, use_abs) >= want[..., None]
+    assert same_bits(y, np.where(mask, x, np.zeros((), x.dtype)))
 
 
 def test_reference_keys_are_the_thresholds_of_the_reference_op():
@@ -303,15 +309,45 @@ def test_jvp_matches_topk():
 
 
 @needs_kernel
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="k=0"):
-        cpu_threshold_keys(jnp.ones((2, 3)), 0, False)
+def test_the_plain_forward_is_one_fused_call_and_derivatives_use_the_selector():
+    """Undifferentiated, kwta is the fused kernel alone (x read once); differentiated, it is
+    the selector plus the XLA apply (the op's one derivative rule), with the same values."""
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(6, 50)), jnp.float32)
+    g = jnp.asarray(np.random.default_rng(9).normal(size=x.shape), jnp.float32)
+    forward = jax.jit(lambda v: kwta(v, ratio=0.2, impl="cpu")).lower(x).as_text()
+    assert (
+        f"@{kwta_cpu.FORWARD_TARGET_NAME}(" in forward
+        and f"@{kwta_cpu.TARGET_NAME}(" not in forward
+    )
+    y, pullback = jax.vjp(jax.jit(lambda v: kwta(v, ratio=0.2, impl="cpu")), x)
+    vjp_text = jax.jit(lambda v: jax.vjp(lambda u: kwta(u, ratio=0.2, impl="cpu"), v)[0])
+    assert f"@{kwta_cpu.TARGET_NAME}(" in vjp_text.lower(x).as_text()
+    assert same_bits(np.asarray(y), np.asarray(kwta(x, ratio=0.2, impl="topk")))
+    mask = np.asarray(y) != 0  # no zeros in x: the winners are the nonzero outputs
+    np.testing.assert_array_equal(np.asarray(pullback(g)[0]), np.where(mask, np.asarray(g), 0))
+
+
+@needs_kernel
+def test_fused_forward_vmaps_as_one_call_on_the_stacked_rows():
+    xs = jnp.asarray(np.random.default_rng(10).normal(size=(3, 4, 30)), jnp.float32)
+    y, th = jax.vmap(lambda x: cpu_forward(x, 7, False))(xs)
+    assert y.shape == xs.shape and th.shape == (3, 4)
+    want = jnp.stack([kwta(x, k=7, impl="topk") for x in xs])
+    assert same_bits(np.asarray(y), np.asarray(want))
+
+
+@needs_kernel
+@pytest.mark.parametrize("fn", [cpu_threshold_keys, cpu_forward])
+def test_bad_arguments(fn):
+    name = fn.__name__
+    with pytest.raises(ValueError, match=f"{name}: k=0"):
+        fn(jnp.ones((2, 3)), 0, False)
     with pytest.raises(ValueError, match="k=4"):
-        cpu_threshold_keys(jnp.ones((2, 3)), 4, False)
+        fn(jnp.ones((2, 3)), 4, False)
     with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
-        cpu_threshold_keys(jnp.ones((2, 3), jnp.int32), 1, False)
+        fn(jnp.ones((2, 3), jnp.int32), 1, False)
     with pytest.raises(ValueError, match="isa must be one of"):
-        cpu_threshold_keys(jnp.ones((2, 3)), 1, False, isa="sse9")
+        fn(jnp.ones((2, 3)), 1, False, isa="sse9")
 
 
 # ---------------------------------------------------------------------------------------------
