@@ -15,8 +15,10 @@ Interleaved: everything is compiled first, then each of ``--rounds`` rounds time
 (one untimed call, then the median of ``--repeats`` calls, each ending in
 ``block_until_ready``); an entry is the median over rounds, so a slow spell of a shared machine
 hits every column alike. After a PyTorch entry the benchmark waits `TORCH_SETTLE_S` for
-PyTorch's spinning OpenMP threads to sleep, so that they do not slow the next entry. The load average is
-recorded at the start and the end. Prints a table, writes JSON (``--json PATH``).
+PyTorch's spinning OpenMP threads to sleep, so that they do not slow the next entry. Minor page
+faults per call are recorded too, and entries that page-faulted (`FAULTED`) are marked with †
+in the table. The load average is recorded at the start and the end. Prints a table, writes
+JSON (``--json PATH``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,14 @@ QUICK_SMALL_K = (((4, 256), 3),)
 # Seconds to wait after a PyTorch entry: libgomp's threads spin-wait for about 5-10 ms after
 # a parallel region before they sleep (measured on the 2-core machine of docs/benchmarks.md).
 TORCH_SETTLE_S = 0.1
+# Minor page faults per call from which an entry is marked in the table: its output buffer was
+# freshly mapped (glibc serves allocations of 32 MiB and more with mmap; whether a smaller one
+# faults depends on the heap), so its time is mostly the kernel's fault handling.
+FAULTED = 100
+FAULT_NOTE = (
+    f"† at least {FAULTED} minor page faults per call: the output was freshly mapped memory, so "
+    "the time is mostly page-fault handling, not the op"
+)
 MODES = ("fwd", "grad_sq", "grad_dot", "vjp")
 MODE_TITLES = {"fwd": "fwd", "grad_sq": "grad Σy²", "grad_dot": "grad ⟨y,g⟩", "vjp": "vjp"}
 
@@ -79,6 +89,15 @@ def time_call(fn: Callable, *args, repeats: int = 5, pipelined: bool = False) ->
     """
     jax.block_until_ready(fn(*args))  # compile + warm-up
     return _median_ms(fn, args, repeats, pipelined)
+
+
+def _minor_faults() -> int | None:
+    """Minor page faults of this process so far (``None`` where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _median_ms(fn: Callable, args: tuple, repeats: int, pipelined: bool = False) -> float:
@@ -289,8 +308,12 @@ def run_benchmark(
     for r in range(rounds):
         for record, fn, args in cases:
             jax.block_until_ready(fn(*args))  # untimed: the entry's buffers and caches settle
+            faults = _minor_faults()
             ms = _median_ms(fn, args, repeats)
             record.setdefault("rounds_ms", []).append(ms)
+            if faults is not None:
+                per_call = (_minor_faults() - faults) / repeats
+                record.setdefault("rounds_faults_per_call", []).append(per_call)
             if record["impl"] == "torch":
                 # PyTorch's OpenMP threads keep spinning for milliseconds after a call; on a
                 # small machine they would take cores from the next entry (measured: ReLU
@@ -301,6 +324,8 @@ def run_benchmark(
     records = []
     for record, _, _ in cases:
         record["ms"] = statistics.median(record["rounds_ms"])
+        if "rounds_faults_per_call" in record:
+            record["faults_per_call"] = statistics.median(record["rounds_faults_per_call"])
         records.append(record)
     return records
 
@@ -317,18 +342,27 @@ def summarize(records: list[dict]) -> list[dict]:
     ``topk_scatter/auto`` and ``torch/auto`` (speed-ups of the default ``kwta``).
     """
     relu = {(tuple(r["shape"]), r["mode"]): r["ms"] for r in records if r["impl"] == "relu"}
+    relu_faulted = {
+        (tuple(r["shape"]), r["mode"])
+        for r in records
+        if r["impl"] == "relu" and r.get("faults_per_call", 0) >= FAULTED
+    }
     rows: dict[tuple, dict] = {}
     for r in records:
         setting = ("ratio", r["ratio"]) if "ratio" in r else ("k", r["k"])
         key = (tuple(r["shape"]), setting, r["mode"])
         row = rows.setdefault(key, {"shape": r["shape"], setting[0]: setting[1], "mode": r["mode"]})
         row[r["impl"]] = r["ms"]
+        if r.get("faults_per_call", 0) >= FAULTED:
+            row.setdefault("faulted", []).append(r["impl"])
         if "resolved" in r:
             row["resolved"] = r["resolved"]
     out = []
     for (shape, _, mode), row in rows.items():
         if (shape, mode) in relu:
             row.setdefault("relu", relu[(shape, mode)])
+            if (shape, mode) in relu_faulted:
+                row.setdefault("faulted", []).append("relu")
         for impl in ("auto", "select", "cpu", "pallas"):
             if impl in row and "relu" in row:
                 row[f"{impl}/relu"] = row[impl] / row["relu"]
@@ -377,15 +411,16 @@ def format_table(summary: list[dict], markdown: bool = False) -> str:
             elif "/" in k:
                 cells.append(f"{v:.2f}x")
             else:
-                cells.append(f"{v:.3f}")
+                cells.append(f"{v:.3f}" + ("†" if k in row.get("faulted", ()) else ""))
         lines.append(cells)
+    note = [] if not any(row.get("faulted") for row in summary) else [FAULT_NOTE]
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(c) + " |" for c in lines]
-        return "\n".join(out)
+        return "\n".join(out + ["", *note] if note else out)
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header)] + [fmt.format(*c) for c in lines])
+    return "\n".join([fmt.format(*header)] + [fmt.format(*c) for c in lines] + note)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:

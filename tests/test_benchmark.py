@@ -75,3 +75,34 @@ def test_benchmark_markdown_table():
     table = benchmark.format_table(benchmark.summarize(records), markdown=True)
     assert "| 2x3 | 0.1 | fwd | 1.000 | 2.000 | 2.00x | 40.000 | 20.00x | - | - |" in table
     assert "| 2x3 | k=1 | grad Σy² | 1.000 | 1.500 | 1.50x | - | - | 30.000 | 20.00x |" in table
+
+
+def test_entries_that_page_faulted_are_marked():
+    """A time that is mostly page-fault handling (a freshly mapped output) says so."""
+    records = [
+        {"shape": [2, 3], "ratio": 0.1, "mode": "fwd", "impl": "relu", "ms": 7.0,
+         "faults_per_call": 8193.0},
+        {"shape": [2, 3], "ratio": 0.1, "mode": "fwd", "impl": "auto", "ms": 2.0,
+         "faults_per_call": 0.0},
+        {"shape": [2, 3], "ratio": 0.7, "mode": "fwd", "impl": "auto", "ms": 3.0,
+         "faults_per_call": benchmark.FAULTED - 1},
+    ]  # fmt: skip
+    table = benchmark.format_table(benchmark.summarize(records))
+    lines = table.splitlines()
+    assert "7.000†" in lines[1] and "2.000†" not in lines[1]
+    # ReLU is timed once per shape (the same faulted time in both rows); 99 faults are not many
+    assert "7.000†" in lines[2] and "3.000†" not in lines[2]
+    assert lines[-1] == benchmark.FAULT_NOTE
+    clean = [{**r, "faults_per_call": 0.0} for r in records]
+    assert "†" not in benchmark.format_table(benchmark.summarize(clean))
+
+
+def test_the_cli_records_page_faults_per_call(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = benchmark.main(
+        ["--quick", "--shapes", "4x16", "--ratios", "0.5", "--small-k", "--json", str(out),
+         "--quiet", "--no-torch", "--impls", "relu", "auto", "--modes", "fwd", "--rounds", "1"]
+    )  # fmt: skip
+    assert rc == 0
+    records = json.loads(out.read_text())["records"]
+    assert all(r["faults_per_call"] >= 0 for r in records)
