@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +110,34 @@ def test_the_cli_records_page_faults_per_call(tmp_path):
     assert rc == 0
     records = json.loads(out.read_text())["records"]
     assert all(r["faults_per_call"] >= 0 for r in records)
+
+
+def test_steady_allocator_env_keeps_a_users_setting():
+    env = benchmark.steady_allocator_env({"PATH": "/bin"})
+    if env is None:  # not Linux with glibc: nothing to set
+        assert not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+        return
+    assert env["GLIBC_TUNABLES"] == benchmark.STEADY_ALLOCATOR_TUNABLES and env["PATH"] == "/bin"
+    assert benchmark.steady_allocator_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) is None
+
+
+@pytest.mark.skipif(
+    benchmark.steady_allocator_env({}) is None, reason="glibc tunables: Linux with glibc only"
+)
+@pytest.mark.parametrize("allocator", ["steady", "as-is"])
+def test_the_cli_runs_itself_under_the_steady_allocator(tmp_path, allocator):
+    """`python -m kwta_jax.benchmark` starts again with the tunables (glibc reads them at
+    start-up), records them, and leaves them out with --allocator as-is."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kwta_jax.benchmark", "--quick", "--shapes", "4x16", "--ratios",
+         "0.5", "--small-k", "--impls", "relu", "auto", "--modes", "fwd", "--no-torch",
+         "--quiet", "--allocator", allocator, "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tunables = json.loads(out.read_text())["machine"]["glibc_tunables"]
+    want = benchmark.STEADY_ALLOCATOR_TUNABLES if allocator == "steady" else None
+    assert tunables == want
+    assert f"GLIBC_TUNABLES={want}" in proc.stdout
