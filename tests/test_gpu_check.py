@@ -57,7 +57,9 @@ def test_script_dry_run_from_a_bare_checkout(tmp_path):
         assert what in cases
     row = stages["benchmark"]["records"][0]
     keys = {"shape", "ratio", "mode", "relu", "topk", "select", "pallas", "pallas GB/s", "bytes"}
-    assert keys <= set(row) and stages["benchmark"]["torch"].startswith("import torch failed")
+    # no PyTorch column on a CPU machine, whether torch is missing or has no CUDA device
+    why = stages["benchmark"]["torch"]
+    assert keys <= set(row) and why.startswith(("import torch failed", "torch has no CUDA"))
     (steps,) = stages["train_steps"]["records"]
     assert steps["model"] == "mlp" and len(steps["relu_ms"]) == len(steps["kwta_ms"]) == 2
     assert steps["ratio_spread"] >= 0 and steps["ratio_median"] > 0
