@@ -57,9 +57,9 @@ __all__ = [
     "FLAGS",
     "CpuKernelUnavailable",
     "build_library",
+    "cpu_forward",
     "cpu_kernel_available",
     "cpu_kernel_isa",
-    "cpu_forward",
     "cpu_kernel_status",
     "cpu_threshold_keys",
 ]
