@@ -51,6 +51,7 @@ __all__ = [
     "machine_info",
     "main",
     "official_pytorch_kwta",
+    "restart_under_steady_allocator",
     "run_benchmark",
     "steady_allocator_env",
     "summarize",
@@ -355,28 +356,25 @@ def summarize(records: list[dict]) -> list[dict]:
     ``<impl>/relu`` (cost against ReLU under the same transform), ``topk/auto``,
     ``topk_scatter/auto`` and ``torch/auto`` (speed-ups of the default ``kwta``).
     """
-    relu = {(tuple(r["shape"]), r["mode"]): r["ms"] for r in records if r["impl"] == "relu"}
-    relu_faulted = {
-        (tuple(r["shape"]), r["mode"])
-        for r in records
-        if r["impl"] == "relu" and r.get("faults_per_call", 0) >= FAULTED
-    }
+    relu = {(tuple(r["shape"]), r["mode"]): r for r in records if r["impl"] == "relu"}
     rows: dict[tuple, dict] = {}
+
+    def put(row: dict, r: dict) -> None:  # one record's time (and fault mark) into a row
+        row[r["impl"]] = r["ms"]
+        if r.get("faults_per_call", 0) >= FAULTED:
+            row.setdefault("faulted", []).append(r["impl"])
+
     for r in records:
         setting = ("ratio", r["ratio"]) if "ratio" in r else ("k", r["k"])
         key = (tuple(r["shape"]), setting, r["mode"])
         row = rows.setdefault(key, {"shape": r["shape"], setting[0]: setting[1], "mode": r["mode"]})
-        row[r["impl"]] = r["ms"]
-        if r.get("faults_per_call", 0) >= FAULTED:
-            row.setdefault("faulted", []).append(r["impl"])
+        put(row, r)
         if "resolved" in r:
             row["resolved"] = r["resolved"]
     out = []
     for (shape, _, mode), row in rows.items():
-        if (shape, mode) in relu:
-            row.setdefault("relu", relu[(shape, mode)])
-            if (shape, mode) in relu_faulted:
-                row.setdefault("faulted", []).append("relu")
+        if (shape, mode) in relu and "relu" not in row:  # ReLU is timed once per shape
+            put(row, relu[(shape, mode)])
         for impl in ("auto", "select", "cpu", "pallas"):
             if impl in row and "relu" in row:
                 row[f"{impl}/relu"] = row[impl] / row["relu"]
@@ -541,7 +539,7 @@ def steady_allocator_env(environ: dict[str, str]) -> dict[str, str] | None:
     """``environ`` plus `STEADY_ALLOCATOR_TUNABLES`, or ``None`` where they do not apply.
 
     They apply on Linux with glibc when ``GLIBC_TUNABLES`` is not set already (a user's own
-    setting is kept) and ``--allocator as-is`` is not among the arguments.
+    setting is kept).
     """
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
@@ -550,12 +548,21 @@ def steady_allocator_env(environ: dict[str, str]) -> dict[str, str] | None:
     return {**environ, "GLIBC_TUNABLES": STEADY_ALLOCATOR_TUNABLES}
 
 
+def restart_under_steady_allocator(argv: Sequence[str]) -> None:
+    """Replaces this process by ``python *argv`` under `steady_allocator_env`, where it applies.
+
+    glibc reads its tunables when a process starts, so a timing script calls this first thing
+    (``argv`` starts it again, e.g. ``["-m", "kwta_jax.benchmark", ...]``); in the restarted
+    process ``GLIBC_TUNABLES`` is set and this returns.
+    """
+    env = steady_allocator_env(dict(os.environ))
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, *argv], env)
+
+
 if __name__ == "__main__":
-    # glibc reads its tunables when a process starts: run this module again with them (once).
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--allocator", default="steady")
-    steady = pre.parse_known_args(sys.argv[1:])[0].allocator == "steady"
-    env = steady_allocator_env(dict(os.environ)) if steady else None
-    if env is not None:
-        os.execve(sys.executable, [sys.executable, "-m", "kwta_jax.benchmark", *sys.argv[1:]], env)
+    if pre.parse_known_args(sys.argv[1:])[0].allocator == "steady":
+        restart_under_steady_allocator(["-m", "kwta_jax.benchmark", *sys.argv[1:]])
     sys.exit(main())

@@ -15,6 +15,7 @@ derivative forms: ``grad Σy²`` costs at least ``ReLU + selector``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from kwta_jax.kernels.kwta_cpu import cpu_threshold_keys
 
 from kwta_jax import ops
-from kwta_jax.benchmark import steady_allocator_env
+from kwta_jax.benchmark import restart_under_steady_allocator
 from kwta_jax.rank_keys import apply_threshold
 
 SHAPES = ((128, 32, 32, 64), (128, 16, 16, 128), (32, 8, 8, 512), (256, 4096), (256, 512))
@@ -33,7 +34,7 @@ RATIO = 0.1
 
 
 def cases(shape: tuple[int, ...]) -> dict:
-    n = int(jnp.prod(jnp.array(shape[1:])))
+    n = math.prod(shape[1:])
     k = ops.num_winners(n, ratio=RATIO)
 
     def unfused(v):
@@ -81,7 +82,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    env = steady_allocator_env(dict(os.environ))
-    if env is not None:  # glibc reads its tunables at start-up: run again with them
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    restart_under_steady_allocator(sys.argv)
     main()
