@@ -21,7 +21,8 @@ under `STEADY_ALLOCATOR_TUNABLES` (glibc malloc settings under which freed outpu
 instead of freshly mapped on every call; the module starts itself again with them), so that times
 are the ops' own, not page-fault handling; ``--allocator as-is`` keeps the environment's settings.
 The load average is recorded at the start and the end. Prints a table, writes JSON (``--json
-PATH``)."""
+PATH``). ``--check`` adds the verdict on the CPU speed targets (`kwta_jax.benchmark_targets`)
+and exits 1 unless all are met."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from kwta_jax.benchmark_cases import (
+    DEFAULT_RATIOS,
+    DEFAULT_SHAPES,
+    MODE_TITLES,
+    MODES,
+    SMALL_K_CASES,
+)
+from kwta_jax.benchmark_targets import check_targets, format_targets
 from kwta_jax.kernels.kwta_cpu import cpu_kernel_available, cpu_kernel_isa
 from kwta_jax.ops import kwta, resolve_impl
 
@@ -58,17 +67,7 @@ __all__ = [
     "time_call",
 ]
 
-DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = (
-    (128, 32, 32, 64),
-    (128, 16, 16, 128),
-    (32, 8, 8, 512),
-    (256, 4096),
-    (256, 512),
-)
 QUICK_SHAPES = ((8, 64), (4, 4, 4, 8))
-DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.7)
-# (shape, k): TopK-autoencoder shapes, a few winners in long rows.
-SMALL_K_CASES: tuple[tuple[tuple[int, ...], int], ...] = (((256, 32768), 32), ((64, 131072), 64))
 QUICK_SMALL_K = (((4, 256), 3),)
 # Seconds to wait after a PyTorch entry: libgomp's threads spin-wait for about 5-10 ms after
 # a parallel region before they sleep (measured on the 2-core machine of docs/benchmarks.md).
@@ -91,8 +90,6 @@ FAULT_NOTE = (
     f"† at least {FAULTED} minor page faults per call: the output was freshly mapped memory, so "
     "the time is mostly page-fault handling, not the op"
 )
-MODES = ("fwd", "grad_sq", "grad_dot", "vjp")
-MODE_TITLES = {"fwd": "fwd", "grad_sq": "grad Σy²", "grad_dot": "grad ⟨y,g⟩", "vjp": "vjp"}
 
 
 def time_call(fn: Callable, *args, repeats: int = 5, pipelined: bool = False) -> float:
@@ -485,6 +482,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--json", type=str, default=None, help="write records, summary and machine here")
     add("--markdown", action="store_true", help="print a Markdown table")
     add("--quiet", action="store_true", help="no progress lines")
+    add("--check", action="store_true",
+        help="also check the CPU speed targets (kwta_jax.benchmark_targets) on this run: "
+        "print the verdict, add it to the JSON, exit 1 unless every target is met; "
+        "entries the run left out count as not measured, never met")  # fmt: skip
     add("--allocator", choices=("steady", "as-is"), default="steady",
         help="steady (default): run under STEADY_ALLOCATOR_TUNABLES, so that no entry's time "
         "is page faults of freshly mapped outputs; as-is: the environment's malloc "
@@ -525,14 +526,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"GLIBC_TUNABLES={info['glibc_tunables']}"
     )
     print(format_table(summary, markdown=args.markdown))
+    targets = check_targets(summary) if args.check else None
+    if targets is not None:
+        print(format_targets(targets))
     if args.json:
         payload = {"machine": info, "repeats": repeats, "rounds": rounds, "records": records,
                    "summary": summary}  # fmt: skip
+        if targets is not None:
+            payload["targets"] = targets
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=1, default=float)
         os.replace(tmp, args.json)
-    return 0
+    return 0 if targets is None or targets["all_met"] else 1
 
 
 def steady_allocator_env(environ: dict[str, str]) -> dict[str, str] | None:

@@ -62,7 +62,8 @@ LAYERS: dict[str, int] = {
 }
 OP_LAYER = 1
 OP_MODULES = ("kwta_jax", "kwta_jax.backward", "kwta_jax.rank_keys", "kwta_jax.selection",
-              "kwta_jax.ops", "kwta_jax.layers", "kwta_jax.benchmark")  # fmt: skip
+              "kwta_jax.ops", "kwta_jax.layers", "kwta_jax.benchmark", "kwta_jax.benchmark_cases",
+              "kwta_jax.benchmark_targets")  # fmt: skip
 OP_PACKAGES = ("kwta_jax.kernels", "kwta_jax.attacks")
 
 # Function-level project imports in files this refactor may not edit; each is harmless (no
