@@ -5,9 +5,10 @@ For each shape (ratio 0.1, per-sample groups, float32), interleaved in one proce
 median over ``--rounds``), under the benchmark's steady glibc malloc settings: ReLU; the C++
 selector alone (`cpu_threshold_keys`: one read of x); kwta's plain forward (the fused kernel:
 select, then write each row from cache); the unfused forward (selector + the XLA apply, which
-reads x again: what every derivative form pays); and ``grad Σy²``. All as ratios to ReLU.
-The selector's ratio is what no design with an opaque selector can take out of the
-derivative forms: ``grad Σy²`` costs at least ``ReLU + selector``.
+reads x again: what every derivative form pays); ``grad Σy²``; and the XLA passes alone, with
+the threshold keys found beforehand (the apply, and ``grad Σy²``'s one fused pass). All as
+ratios to ReLU. ``grad Σy²`` is the selector plus its pass, so no design with an opaque
+selector takes the selector's ratio out of the derivative forms.
 
     python docs/scripts/cpu_selector_cost.py [--repeats 20] [--rounds 5]
 """
@@ -41,11 +42,21 @@ def cases(shape: tuple[int, ...]) -> dict:
         rows = v.reshape(shape[0], n)
         return apply_threshold(rows, cpu_threshold_keys(rows, k), False)[0].reshape(shape)
 
+    # The threshold keys of the input every case gets (`main` makes it with key 0), so that the
+    # XLA passes can be timed without the selector.
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    keys = cpu_threshold_keys(x.reshape(shape[0], n), k)
+
+    def given_keys(v):  # y from keys found beforehand: the XLA pass alone
+        return apply_threshold(v.reshape(shape[0], n), keys, False)[0].reshape(shape)
+
     return {
         "relu": jax.jit(jax.nn.relu),
         "selector": jax.jit(lambda v: cpu_threshold_keys(v.reshape(shape[0], n), k)),
+        "apply, keys given": jax.jit(given_keys),
         "fwd (fused)": jax.jit(lambda v: ops.kwta(v, ratio=RATIO)),
         "fwd (unfused)": jax.jit(unfused),
+        "grad Σy², keys given": jax.jit(jax.grad(lambda v: jnp.sum(given_keys(v) ** 2))),
         "grad Σy²": jax.jit(jax.grad(lambda v: jnp.sum(ops.kwta(v, ratio=RATIO) ** 2))),
     }
 
