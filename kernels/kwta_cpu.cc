@@ -51,13 +51,18 @@ constexpr int64_t kMinParallelWork = int64_t(1) << 16;
 constexpr int64_t kMinChunkWork = int64_t(1) << 15;
 
 // Runs fn(chunk) for chunk in [0, nchunks) on the calling thread and the intra-op pool.
+//
+// As many workers as the pool has threads (one thread per core), the caller among them: one
+// helper fewer than the pool's size. With a helper per pool thread (one more worker than
+// cores), the derivative forms, where XLA's own parallel loops follow this call, took 10-40 %
+// longer on the 2-core machine of docs/benchmarks.md (grad Σy² on [256,4096]: 3.4-3.6x ReLU
+// against 2.2-3.0x, same process, interleaved), and the selector alone gained nothing.
 class ParallelFor {
  public:
   template <typename F>
   static void Run(ffi::ThreadPool& pool, int64_t nchunks, F fn) {
     if (nchunks <= 0) return;
-    const int64_t threads = pool.num_threads();
-    const int64_t helpers = std::min<int64_t>(threads, nchunks - 1);
+    const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, nchunks - 1);
     if (helpers <= 0) {
       for (int64_t c = 0; c < nchunks; ++c) fn(c);
       return;
@@ -108,8 +113,8 @@ void Thresholds(ffi::ThreadPool& pool, int64_t isa, const K* x, K* th, K* y, int
     return;
   }
   // A few chunks per thread (load balance), each of at least kMinChunkWork elements.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
-  const int64_t nchunks = std::max<int64_t>(1, std::min({rows, 4 * threads, work / kMinChunkWork}));
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());  // as in ParallelFor
+  const int64_t nchunks = std::max<int64_t>(1, std::min({rows, 4 * workers, work / kMinChunkWork}));
   ParallelFor::Run(pool, nchunks, [=](int64_t c) {
     SelectRows<K, kInf, kAbs>(isa, x, th, y, rows * c / nchunks, rows * (c + 1) / nchunks, n, k);
   });
