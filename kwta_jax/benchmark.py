@@ -72,6 +72,14 @@ QUICK_SMALL_K = (((4, 256), 3),)
 # Seconds to wait after a PyTorch entry: libgomp's threads spin-wait for about 5-10 ms after
 # a parallel region before they sleep (measured on the 2-core machine of docs/benchmarks.md).
 TORCH_SETTLE_S = 0.1
+# Untimed calls before an entry is timed: at least WARM_UP_CALLS and WARM_UP_S seconds, or
+# WARM_UP_MAX_S seconds when the calls are slow. After an idle spell (the pause above) the first
+# calls are slow: measured on [256,4096], kwta 0.78, 0.47, 0.40, 0.33 ms, then 0.28; ReLU 0.98,
+# 0.50, 0.23, 0.19, then 0.17. With one untimed call, the median of 5 timed calls was the fourth
+# call after the pause: 15-20 % slow, for whichever entry followed a PyTorch one.
+WARM_UP_CALLS = 5
+WARM_UP_S = 0.005
+WARM_UP_MAX_S = 0.05
 # glibc malloc settings the CLI runs under (`steady_allocator_env`; ``--allocator as-is`` keeps
 # the environment's). By default XLA:CPU's outputs of 32 MiB and more come from a fresh mmap on
 # every call (and smaller ones too, depending on the heap), so a ReLU over [128,32,32,64] takes
@@ -109,6 +117,18 @@ def _minor_faults() -> int | None:
     except ImportError:  # not on Unix
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _warm_up(fn: Callable, args: tuple) -> int:
+    """Untimed calls of ``fn(*args)`` until the entry runs at its steady speed (`WARM_UP_CALLS`,
+    `WARM_UP_S`, `WARM_UP_MAX_S`); returns how many were made."""
+    start, calls = time.perf_counter(), 0
+    while True:
+        jax.block_until_ready(fn(*args))
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= WARM_UP_MAX_S or (calls >= WARM_UP_CALLS and elapsed >= WARM_UP_S):
+            return calls
 
 
 def _median_ms(fn: Callable, args: tuple, repeats: int, pipelined: bool = False) -> float:
@@ -319,7 +339,7 @@ def run_benchmark(
             log(f"compiled {record}")
     for r in range(rounds):
         for record, fn, args in cases:
-            jax.block_until_ready(fn(*args))  # untimed: the entry's buffers and caches settle
+            _warm_up(fn, args)  # untimed: threads wake, buffers and caches settle
             faults = _minor_faults()
             ms = _median_ms(fn, args, repeats)
             record.setdefault("rounds_ms", []).append(ms)

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -141,3 +142,20 @@ def test_the_cli_runs_itself_under_the_steady_allocator(tmp_path, allocator):
     want = benchmark.STEADY_ALLOCATOR_TUNABLES if allocator == "steady" else None
     assert tunables == want
     assert f"GLIBC_TUNABLES={want}" in proc.stdout
+
+
+def test_warm_up_runs_enough_calls_and_stops_on_slow_ones():
+    """An entry is timed only after `WARM_UP_CALLS` untimed calls over `WARM_UP_S` seconds
+    (the first calls after an idle spell are slow), or after `WARM_UP_MAX_S` of slow calls."""
+    fast = jnp.zeros(())
+    calls = benchmark._warm_up(lambda: fast, ())
+    assert calls >= benchmark.WARM_UP_CALLS
+
+    made = []
+
+    def slow():  # each call alone takes more than half of WARM_UP_MAX_S
+        made.append(1)
+        time.sleep(0.6 * benchmark.WARM_UP_MAX_S)
+        return fast
+
+    assert benchmark._warm_up(slow, ()) == len(made) == 2
