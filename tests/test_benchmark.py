@@ -158,4 +158,5 @@ def test_warm_up_runs_enough_calls_and_stops_on_slow_ones():
         time.sleep(0.6 * benchmark.WARM_UP_MAX_S)
         return fast
 
-    assert benchmark._warm_up(slow, ()) == len(made) == 2
+    # 2 calls (1 if the machine oversleeps), never WARM_UP_CALLS of them
+    assert benchmark._warm_up(slow, ()) == len(made) <= 2 < benchmark.WARM_UP_CALLS
