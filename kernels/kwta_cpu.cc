@@ -53,10 +53,11 @@ constexpr int64_t kMinChunkWork = int64_t(1) << 15;
 // Runs fn(chunk) for chunk in [0, nchunks) on the calling thread and the intra-op pool.
 //
 // As many workers as the pool has threads (one thread per core), the caller among them: one
-// helper fewer than the pool's size. With a helper per pool thread (one more worker than
-// cores), the derivative forms, where XLA's own parallel loops follow this call, took 10-40 %
-// longer on the 2-core machine of docs/benchmarks.md (grad Σy² on [256,4096]: 3.4-3.6x ReLU
-// against 2.2-3.0x, same process, interleaved), and the selector alone gained nothing.
+// helper fewer than the pool's size. A helper per pool thread (one more worker than cores)
+// slowed the derivative forms, where XLA's own parallel loops follow this call: without it
+// they took 2-40 % less time in 8 of 9 comparisons on the 2-core machine of
+// docs/benchmarks.md (grad Σy² on [256,4096]: 2.2-3.0x ReLU against 3.4-3.6x, same process,
+// interleaved), and the selector alone lost nothing.
 class ParallelFor {
  public:
   template <typename F>

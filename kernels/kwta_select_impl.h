@@ -434,8 +434,9 @@ KWTA_ATTR K SelectRow(const K* x, int64_t n, int64_t k, const RowPlan& plan,
 // y is prefetched for writing kApplyPrefetchLines lines ahead. Without it, in about a third of
 // the processes (depending on where XLA placed x and y), this loop ran 3-4x slower on every
 // shape: a CPU profile put the time on the use of each load of x, behind stores to y still
-// waiting for their lines. With it: 0 slow processes in 32 (11 in 32 before), and 4-5 % less
-// time per row in a standalone harness (2.5 % more on 512-key rows); docs/benchmarks.md.
+// waiting for their lines. With it: 0 slow processes in 48 (11 in 32 before), and 0-7 % less
+// time per row on rows of 4,096 keys and more in a standalone harness (5-9 % more on 512-key
+// rows); docs/benchmarks.md.
 constexpr int64_t kApplyPrefetchLines = 16;
 
 // y_room: elements of y that may be written from y on (this row's and the following rows' of
