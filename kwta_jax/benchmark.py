@@ -11,8 +11,9 @@ When ``import torch`` works, the official PyTorch k-WTA (a554b554/kWTA-Activatio
 ``Sparsify1D`` / ``Sparsify2D_vol``: ``topk``, then ``x * (x >= k-th value)``; our own copy of
 it, `official_pytorch_kwta`) runs beside, on as many threads as XLA's CPU pool.
 
-Interleaved: everything is compiled first, then each of ``--rounds`` rounds times every case (one
-untimed call, then the median of ``--repeats`` calls, each ending in ``block_until_ready``); an
+Interleaved: everything is compiled first, then each of ``--rounds`` rounds times every case
+(untimed calls until it runs at steady speed, then the median of at least ``--repeats`` calls,
+more for fast entries: `MIN_TIMED_S`; each ends in ``block_until_ready``); an
 entry is the median over rounds, so a slow spell of a shared machine hits every column alike. After
 a PyTorch entry the benchmark waits `TORCH_SETTLE_S` for PyTorch's spinning OpenMP threads to
 sleep, so that they do not slow the next entry. Minor page faults per call are recorded too, and
@@ -80,6 +81,11 @@ TORCH_SETTLE_S = 0.1
 WARM_UP_CALLS = 5
 WARM_UP_S = 0.005
 WARM_UP_MAX_S = 0.05
+# Timed calls per entry and round: at least --repeats, and more while they fit in MIN_TIMED_S
+# (at most MAX_TIMED_CALLS). With 5 calls, the median of a 0.05-0.15 ms entry was so noisy that
+# `auto` and `cpu`, the same function, read up to 40 % apart in one run.
+MIN_TIMED_S = 0.01
+MAX_TIMED_CALLS = 200
 # glibc malloc settings the CLI runs under (`steady_allocator_env`; ``--allocator as-is`` keeps
 # the environment's). By default XLA:CPU's outputs of 32 MiB and more come from a fresh mmap on
 # every call (and smaller ones too, depending on the heap), so a ReLU over [128,32,32,64] takes
@@ -131,20 +137,33 @@ def _warm_up(fn: Callable, args: tuple) -> int:
             return calls
 
 
+def _call_times(
+    fn: Callable, args: tuple, repeats: int, min_seconds: float = 0.0, max_calls: int = 0
+) -> list[float]:
+    """Seconds of each call of ``fn(*args)`` (each ending in ``block_until_ready``): ``repeats``
+    calls, and more while less than ``min_seconds`` have passed and fewer than ``max_calls``
+    were made."""
+    times: list[float] = []
+    begin = time.perf_counter()
+    while len(times) < repeats or (
+        time.perf_counter() - begin < min_seconds and len(times) < max_calls
+    ):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def _median_ms(fn: Callable, args: tuple, repeats: int, pipelined: bool = False) -> float:
-    times = []  # seconds per call (or per call of a pipelined trial)
-    if pipelined:
-        for _ in range(3):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                out = fn(*args)
-            jax.block_until_ready(out)
-            times.append((time.perf_counter() - start) / repeats)
-    else:
+    if not pipelined:
+        return 1e3 * statistics.median(_call_times(fn, args, repeats))
+    times = []  # seconds per call of a pipelined trial
+    for _ in range(3):
+        start = time.perf_counter()
         for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - start)
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / repeats)
     return 1e3 * statistics.median(times)
 
 
@@ -321,10 +340,11 @@ def run_benchmark(
 ) -> list[dict]:
     """Times every case, interleaved over ``rounds``; returns one record per case.
 
-    Records: ``{"shape", "ratio" or "k", "mode", "impl", "ms", "rounds_ms"}`` (``impl="auto"``
-    also has ``"resolved"``). ``impls`` defaults to `default_impls`; ``topk`` (the reference,
-    a full sort of the rank keys on XLA:CPU: seconds per call on the large shapes) is timed in
-    ``topk_modes`` only when asked for; ``torch`` joins when ``use_torch`` and it imports.
+    Records: ``{"shape", "ratio" or "k", "mode", "impl", "ms", "rounds_ms", "rounds_calls"}``
+    (timed calls per round; ``impl="auto"`` also has ``"resolved"``). ``impls`` defaults to
+    `default_impls`; ``topk`` (the reference, a full sort of the rank keys on XLA:CPU: seconds
+    per call on the large shapes) is timed in ``topk_modes`` only when asked for; ``torch``
+    joins when ``use_torch`` and it imports.
     """
     if impls is None:
         impls = default_impls()
@@ -341,10 +361,11 @@ def run_benchmark(
         for record, fn, args in cases:
             _warm_up(fn, args)  # untimed: threads wake, buffers and caches settle
             faults = _minor_faults()
-            ms = _median_ms(fn, args, repeats)
-            record.setdefault("rounds_ms", []).append(ms)
+            times = _call_times(fn, args, repeats, MIN_TIMED_S, MAX_TIMED_CALLS)
+            record.setdefault("rounds_ms", []).append(1e3 * statistics.median(times))
+            record.setdefault("rounds_calls", []).append(len(times))
             if faults is not None:
-                per_call = (_minor_faults() - faults) / repeats
+                per_call = (_minor_faults() - faults) / len(times)
                 record.setdefault("rounds_faults_per_call", []).append(per_call)
             if record["impl"] == "torch":
                 # PyTorch's OpenMP threads keep spinning for milliseconds after a call; on a
@@ -495,7 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--modes", nargs="+", default=list(MODES), choices=MODES)
     add("--topk-modes", nargs="*", default=["fwd"], choices=MODES,
         help="transforms that time the top_k reference (a full sort on XLA:CPU)")  # fmt: skip
-    add("--repeats", type=int, default=5, help="timed calls per entry and round")
+    add("--repeats", type=int, default=5,
+        help="timed calls per entry and round, at least (more while they fit in "
+        f"{MIN_TIMED_S * 1e3:g} ms, at most {MAX_TIMED_CALLS})")  # fmt: skip
     add("--rounds", type=int, default=5, help="interleaved rounds (entry = median over rounds)")
     add("--no-torch", action="store_true", help="leave the official PyTorch code out")
     add("--quick", action="store_true", help="tiny shapes, 2 repeats, 2 rounds (smoke)")

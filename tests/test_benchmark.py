@@ -160,3 +160,25 @@ def test_warm_up_runs_enough_calls_and_stops_on_slow_ones():
 
     # 2 calls (1 if the machine oversleeps), never WARM_UP_CALLS of them
     assert benchmark._warm_up(slow, ()) == len(made) <= 2 < benchmark.WARM_UP_CALLS
+
+
+def test_fast_entries_are_timed_over_more_calls():
+    """At least ``repeats`` calls; more while they fit in ``min_seconds``, at most
+    ``max_calls``; the record counts them per round."""
+    fast = jnp.zeros(())
+    assert len(benchmark._call_times(lambda: fast, (), 3)) == 3
+    many = benchmark._call_times(lambda: fast, (), 3, min_seconds=10.0, max_calls=50)
+    assert len(many) == 50 and all(t >= 0 for t in many)
+
+    def slow():
+        time.sleep(0.02)
+        return fast
+
+    assert len(benchmark._call_times(slow, (), 2, min_seconds=0.01, max_calls=50)) == 2
+    records = benchmark.run_benchmark(
+        [(4, 16)], [0.5], ["relu"], repeats=2, small_k=(), modes=["fwd"], rounds=2,
+        use_torch=False,
+    )  # fmt: skip
+    (record,) = records
+    assert len(record["rounds_calls"]) == 2
+    assert all(2 <= c <= benchmark.MAX_TIMED_CALLS for c in record["rounds_calls"])
