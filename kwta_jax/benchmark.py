@@ -83,7 +83,7 @@ WARM_UP_S = 0.005
 WARM_UP_MAX_S = 0.05
 # Timed calls per entry and round: at least --repeats, and more while they fit in MIN_TIMED_S
 # (at most MAX_TIMED_CALLS). With 5 calls, the median of a 0.05-0.15 ms entry was so noisy that
-# `auto` and `cpu`, the same function, read up to 40 % apart in one run.
+# `auto` and `cpu`, the same function, read up to 39 % apart in one run.
 MIN_TIMED_S = 0.01
 MAX_TIMED_CALLS = 200
 # glibc malloc settings the CLI runs under (`steady_allocator_env`; ``--allocator as-is`` keeps
