@@ -60,10 +60,13 @@ constexpr int64_t kMinChunkWork = int64_t(1) << 15;
 // interleaved), and the selector alone lost nothing.
 class ParallelFor {
  public:
+  // Threads that run chunks at once: the caller and its helpers.
+  static int64_t Workers(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
+
   template <typename F>
   static void Run(ffi::ThreadPool& pool, int64_t nchunks, F fn) {
     if (nchunks <= 0) return;
-    const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, nchunks - 1);
+    const int64_t helpers = std::min<int64_t>(Workers(pool) - 1, nchunks - 1);
     if (helpers <= 0) {
       for (int64_t c = 0; c < nchunks; ++c) fn(c);
       return;
@@ -114,7 +117,7 @@ void Thresholds(ffi::ThreadPool& pool, int64_t isa, const K* x, K* th, K* y, int
     return;
   }
   // A few chunks per thread (load balance), each of at least kMinChunkWork elements.
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads());  // as in ParallelFor
+  const int64_t workers = ParallelFor::Workers(pool);
   const int64_t nchunks = std::max<int64_t>(1, std::min({rows, 4 * workers, work / kMinChunkWork}));
   ParallelFor::Run(pool, nchunks, [=](int64_t c) {
     SelectRows<K, kInf, kAbs>(isa, x, th, y, rows * c / nchunks, rows * (c + 1) / nchunks, n, k);

@@ -49,6 +49,7 @@ from kwta_jax.benchmark_cases import (
     MODE_TITLES,
     MODES,
     SMALL_K_CASES,
+    setting_of,
 )
 from kwta_jax.benchmark_targets import check_targets, format_targets
 from kwta_jax.kernels.kwta_cpu import cpu_kernel_available, cpu_kernel_isa
@@ -403,7 +404,7 @@ def summarize(records: list[dict]) -> list[dict]:
             row.setdefault("faulted", []).append(r["impl"])
 
     for r in records:
-        setting = ("ratio", r["ratio"]) if "ratio" in r else ("k", r["k"])
+        setting = setting_of(r)
         key = (tuple(r["shape"]), setting, r["mode"])
         row = rows.setdefault(key, {"shape": r["shape"], setting[0]: setting[1], "mode": r["mode"]})
         put(row, r)

@@ -6,7 +6,14 @@ speed targets (issue 17) on them, so the default run is exactly the targets' tab
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_RATIOS", "DEFAULT_SHAPES", "MODES", "MODE_TITLES", "SMALL_K_CASES"]
+__all__ = [
+    "DEFAULT_RATIOS",
+    "DEFAULT_SHAPES",
+    "MODES",
+    "MODE_TITLES",
+    "SMALL_K_CASES",
+    "setting_of",
+]
 
 # Layer shapes of the paper's networks (per-sample competition: a row is one sample).
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = (
@@ -23,3 +30,8 @@ SMALL_K_CASES: tuple[tuple[tuple[int, ...], int], ...] = (((256, 32768), 32), ((
 # vjp: y and its pullback of g.
 MODES: tuple[str, ...] = ("fwd", "grad_sq", "grad_dot", "vjp")
 MODE_TITLES = {"fwd": "fwd", "grad_sq": "grad Σy²", "grad_dot": "grad ⟨y,g⟩", "vjp": "vjp"}
+
+
+def setting_of(record: dict) -> tuple[str, float]:
+    """A record's (or summary row's) case setting: ``("ratio", r)`` or ``("k", k)``."""
+    return ("ratio", record["ratio"]) if "ratio" in record else ("k", record["k"])

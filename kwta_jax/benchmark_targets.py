@@ -29,6 +29,7 @@ from kwta_jax.benchmark_cases import (
     MODE_TITLES,
     MODES,
     SMALL_K_CASES,
+    setting_of,
 )
 
 __all__ = [
@@ -47,10 +48,6 @@ RELU_RATIOS = DEFAULT_RATIOS
 RELU_BOUND = 1.5
 SPEEDUP_BOUND = 10.0
 TORCH_MIN_ELEMENTS = 2**20
-
-
-def _setting(row: dict) -> tuple[str, float]:
-    return ("ratio", row["ratio"]) if "ratio" in row else ("k", row["k"])
 
 
 def _entry(shape, setting, mode, column, value, bound, at_most: bool) -> dict:
@@ -93,7 +90,7 @@ def check_targets(
     ``not_measured``, and its ``entries`` (shape, ratio or k, mode, the column checked, its
     value and bound, status). ``all_met`` is true only when every target is ``met``.
     """
-    rows = {(tuple(r["shape"]), _setting(r), r["mode"]): r for r in summary}
+    rows = {(tuple(r["shape"]), setting_of(r), r["mode"]): r for r in summary}
 
     def value(shape, setting, mode, column):
         return rows.get((tuple(shape), setting, mode), {}).get(column)

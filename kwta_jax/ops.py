@@ -138,7 +138,7 @@ IMPLEMENTATIONS: dict[str, Selector] = {
 }
 # Selectors with a fused forward kernel (see `FusedForward`). On CPU the kernel writes each row
 # while it is still in cache from its selection, so the plain forward reads x once, not twice
-# (docs/benchmarks.md: forward 1.2-2.0x faster than select + XLA apply).
+# (docs/benchmarks.md: forward 1.3-1.8x faster than select + XLA apply).
 FUSED_FORWARD: dict[str, FusedForward] = {"cpu": cpu_forward}
 
 

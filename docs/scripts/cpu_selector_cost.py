@@ -20,14 +20,13 @@ import math
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 from kwta_jax.kernels.kwta_cpu import cpu_threshold_keys
 
 from kwta_jax import ops
-from kwta_jax.benchmark import restart_under_steady_allocator
+from kwta_jax.benchmark import restart_under_steady_allocator, time_call
 from kwta_jax.rank_keys import apply_threshold
 
 SHAPES = ((128, 32, 32, 64), (128, 16, 16, 128), (32, 8, 8, 512), (256, 4096), (256, 512))
@@ -61,16 +60,6 @@ def cases(shape: tuple[int, ...]) -> dict:
     }
 
 
-def median_ms(fn, x, repeats: int) -> float:
-    jax.block_until_ready(fn(x))  # untimed
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -84,7 +73,7 @@ def main(argv=None) -> None:
         rounds: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(args.rounds):
             for name, fn in fns.items():
-                rounds[name].append(median_ms(fn, x, args.repeats))
+                rounds[name].append(time_call(fn, x, repeats=args.repeats))
         ms = {name: statistics.median(v) for name, v in rounds.items()}
         cells = [f"ReLU {ms['relu']:.3f} ms"]
         cells += [f"{name} {ms[name] / ms['relu']:.2f}x" for name in fns if name != "relu"]
